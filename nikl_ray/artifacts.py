@@ -1,0 +1,104 @@
+"""Results layout, atomic writes and stage manifests.
+
+Every stage writes its files under one results root and finishes by writing a manifest
+(`manifest.json`) that records what it was given (inputs, config) and the checksums of the
+files it vouches for. A stage whose manifest matches its inputs and whose files still match
+their checksums is skipped; anything else is recomputed, so a crashed or resubmitted pipeline
+resumes instead of starting over, and a truncated file is never used silently.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+MANIFEST = "manifest.json"
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    return write_text(path, json.dumps(obj, ensure_ascii=False, indent=2, sort_keys=True) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_json(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def code_version() -> str:
+    from nikl_ray import __version__
+
+    return __version__
+
+
+def write_manifest(stage_dir: str | Path, *, inputs: dict, files: list[str | Path], extra: dict | None = None) -> Path:
+    """Vouch for `files` (paths under `stage_dir`) as the result of `inputs`."""
+    stage_dir = Path(stage_dir)
+    checksums = {}
+    for f in files:
+        rel = Path(f).resolve().relative_to(stage_dir.resolve()).as_posix()
+        checksums[rel] = sha256_file(stage_dir / rel)
+    manifest = {"inputs": inputs, "inputs_hash": sha256_json(inputs), "files": checksums,
+                "code_version": code_version(), **(extra or {})}
+    return write_json(stage_dir / MANIFEST, manifest)
+
+
+def manifest_problem(stage_dir: str | Path, inputs: dict) -> str | None:
+    """Why the stage in `stage_dir` must (re)run for `inputs`, or None when it is complete."""
+    stage_dir = Path(stage_dir)
+    path = stage_dir / MANIFEST
+    if not path.exists():
+        return "not run yet"
+    try:
+        manifest = read_json(path)
+    except (OSError, json.JSONDecodeError) as e:
+        return f"manifest unreadable ({e})"
+    if manifest.get("inputs_hash") != sha256_json(inputs):
+        return "inputs or config changed"
+    for rel, digest in manifest.get("files", {}).items():
+        f = stage_dir / rel
+        if not f.exists():
+            return f"{f} is missing"
+        if sha256_file(f) != digest:
+            return f"{f} was truncated or altered"
+    return None
+
+
+def load_manifest(stage_dir: str | Path) -> dict:
+    return read_json(Path(stage_dir) / MANIFEST)

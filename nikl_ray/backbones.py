@@ -1,0 +1,193 @@
+"""Backbone specs and how each tuning mode loads a model.
+
+A backbone is a checkpoint (a local HF directory or a hub id) plus how to tune it:
+
+- `full`: every weight trained (encoders such as KoELECTRA, KLUE-RoBERTa).
+- `lora`: peft LoRA adapters on a 16-bit (GPU) or 32-bit (CPU) frozen base.
+- `qlora`: the base loaded in 4-bit NF4 by bitsandbytes, LoRA adapters on top.
+- `gptq`: a GPTQ-quantized checkpoint loaded by transformers' own GPTQ support, LoRA on top.
+
+Only the adapters (and the trained classification head and marker-token rows) are saved for
+the LoRA modes; the full model for `full`. Weights are read and written as safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+MARKERS = ("<t1>", "<t2>")
+
+# LoRA target modules per architecture (model_type in config.json).
+DEFAULT_LORA_TARGETS = {
+    "gpt_neox": ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"],
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "gemma": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "electra": ["query", "value"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+}
+ENCODER_TYPES = {"electra", "bert", "roberta", "xlm-roberta", "deberta", "deberta-v2"}
+
+
+class BackboneSpec(BaseModel):
+    """One backbone and how to tune it. Every field is documented here; YAML keys match."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="Unique name, used in results paths.")
+    checkpoint: str = Field(description="Local HF checkpoint directory, or a hub id (needs network).")
+    family: Literal["encoder", "decoder"] | None = Field(
+        None, description="encoder (first-token pooling) or decoder (last-real-token pooling); "
+                          "read from the checkpoint's model_type when left out.")
+    mode: Literal["full", "lora", "qlora", "gptq"] = Field("full", description="Tuning mode.")
+    lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
+    lora_alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r).")
+    lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
+    lora_targets: list[str] | None = Field(None, description="Modules to adapt; per-architecture default when left out.")
+    target_encoding: Literal["markers", "pair", "none"] = Field(
+        "markers", description="markers: `{text}<t1>{target}<t2>` with added special tokens (embeddings resized); "
+                               "pair: text and target as a sentence pair; none: text only.")
+    max_length: int = Field(128, ge=8, le=8192, description="Tokens per row after truncation.")
+    batch_size: int = Field(16, ge=1, description="Per-device training batch size.")
+    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
+    lr: float = Field(5e-5, gt=0, lt=1, description="Peak learning rate.")
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.1, ge=0, lt=1)
+    epochs: int = Field(3, ge=1, le=100)
+    early_stopping_patience: int = Field(2, ge=1, description="Epochs without held-out micro-F1 gain before stopping.")
+    loss: Literal["auto", "bce", "asl", "ce"] = Field("auto", description="auto: BCE for multi-label, CE for single-label; "
+                                                                         "asl: asymmetric loss (multi-label).")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="auto: bf16 on GPUs that have it, else fp16; fp32 on CPU.")
+    gradient_checkpointing: bool | None = Field(None, description="Default: on for decoders on GPU.")
+    seed: int = 42
+    trust_remote_code: bool = Field(False, description="Run code shipped with the checkpoint. Off unless you trust it.")
+    params: float | None = Field(None, gt=0, description="Parameter count for the memory estimate; read from the config when left out.")
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint_exists(cls, v: str) -> str:
+        looks_local = v.startswith((".", "/", "~")) or Path(v).expanduser().exists() or v.count("/") > 1
+        if looks_local and not (Path(v).expanduser() / "config.json").exists():
+            raise ValueError(f"checkpoint directory {v!r} has no config.json (missing or not an HF checkpoint)")
+        return v
+
+    @model_validator(mode="after")
+    def _fill_family(self) -> "BackboneSpec":
+        if self.family is None:
+            mt = self.model_type()
+            if mt is None:
+                raise ValueError(f"backbone {self.name}: give `family` (encoder|decoder); cannot read the checkpoint's model_type")
+            self.family = "encoder" if mt in ENCODER_TYPES else "decoder"
+        return self
+
+    def model_type(self) -> str | None:
+        cfg = Path(self.checkpoint).expanduser() / "config.json"
+        return json.loads(cfg.read_text()).get("model_type") if cfg.exists() else None
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.mode != "full"
+
+    def resolved_lora_targets(self) -> list[str]:
+        if self.lora_targets:
+            return self.lora_targets
+        mt = self.model_type()
+        if mt not in DEFAULT_LORA_TARGETS:
+            raise ValueError(f"backbone {self.name}: no default LoRA targets for model_type {mt!r}; set `lora_targets`")
+        return DEFAULT_LORA_TARGETS[mt]
+
+
+def load_tokenizer(spec: BackboneSpec):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(spec.checkpoint, trust_remote_code=spec.trust_remote_code)
+    if tok.pad_token is None:  # many decoder checkpoints ship without one
+        tok.pad_token = tok.eos_token
+    if spec.target_encoding == "markers" and MARKERS[0] not in tok.get_vocab():
+        tok.add_special_tokens({"additional_special_tokens": list(MARKERS)})
+    return tok
+
+
+def _precision(spec: BackboneSpec):
+    import torch
+
+    if not torch.cuda.is_available():
+        return torch.float32
+    if spec.precision == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[spec.precision]
+
+
+def load_for_classification(spec: BackboneSpec, num_labels: int, problem_type: str, tokenizer, *, adapter_dir: str | None = None):
+    """The model to train (or, with `adapter_dir`, a trained LoRA model to run) for `spec`'s mode."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the "newly initialized head" report is expected here
+    kwargs = dict(num_labels=num_labels, problem_type=problem_type, trust_remote_code=spec.trust_remote_code,
+                  pad_token_id=tokenizer.pad_token_id)
+    dtype = _precision(spec)
+    if spec.mode == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=dtype if dtype != torch.float16 else torch.float16)
+    elif spec.mode == "gptq":
+        from transformers.utils import is_gptqmodel_available, is_optimum_available
+
+        if not (is_gptqmodel_available() and is_optimum_available()):
+            raise RuntimeError(f"backbone {spec.name}: mode gptq needs a GPTQ backend: pip install optimum gptqmodel")
+    if spec.mode in ("lora", "gptq") and dtype != torch.float32:
+        kwargs["dtype"] = dtype  # frozen base in 16-bit; trainable adapters stay fp32 under peft
+    model = AutoModelForSequenceClassification.from_pretrained(spec.checkpoint, **kwargs)
+    if len(tokenizer) != model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    if not spec.uses_lora:
+        return model
+    from peft import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
+
+    if spec.mode in ("qlora", "gptq"):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=_grad_ckpt(spec))
+    if adapter_dir is not None:
+        return PeftModel.from_pretrained(model, adapter_dir)
+    marker_ids = [tokenizer.convert_tokens_to_ids(m) for m in MARKERS] if spec.target_encoding == "markers" else None
+    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=spec.lora_r, lora_alpha=spec.lora_alpha,
+                        lora_dropout=spec.lora_dropout, target_modules=spec.resolved_lora_targets(),
+                        # the marker tokens' embedding rows are new: train (and save) just those rows
+                        trainable_token_indices=marker_ids)
+    return get_peft_model(model, config)
+
+
+def _grad_ckpt(spec: BackboneSpec) -> bool:
+    import torch
+
+    if spec.gradient_checkpointing is not None:
+        return spec.gradient_checkpointing
+    return torch.cuda.is_available() and spec.family == "decoder"
+
+
+def count_params(spec: BackboneSpec) -> float:
+    """Parameter count of the checkpoint's architecture, built on the meta device (no weights read)."""
+    if spec.params:
+        return spec.params
+    import torch
+    from transformers import AutoConfig, AutoModel
+
+    config = AutoConfig.from_pretrained(spec.checkpoint, trust_remote_code=spec.trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModel.from_config(config, trust_remote_code=spec.trust_remote_code)
+    return float(sum(p.numel() for p in model.parameters()))
+
+
+def safe_name(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", s)
