@@ -89,6 +89,8 @@ class BackboneSpec(BaseModel):
         return self
 
     def model_type(self) -> str | None:
+        if self.checkpoint.startswith("tiny:"):  # built on first use (nikl_ray.tiny); kind = model_type
+            return self.checkpoint.removeprefix("tiny:")
         cfg = Path(self.checkpoint).expanduser() / "config.json"
         return json.loads(cfg.read_text()).get("model_type") if cfg.exists() else None
 

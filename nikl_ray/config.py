@@ -129,27 +129,29 @@ def parse_experiment(raw: dict, base_dir: str | Path = ".", where: str = "<exper
             b["checkpoint"] = _resolve(base, b["checkpoint"])
         backbones.append(b)
     raw["backbones"] = backbones
+    exp = _validate(raw, where)
     tiny = [b for b in backbones if str(b.get("checkpoint", "")).startswith("tiny:")]
     if tiny:
         _build_tiny(raw, tiny, where)
-    try:
-        exp = Experiment(**raw)
-    except ValidationError as e:
-        raise ConfigError(_format_validation(e, where)) from None
+        exp = _validate(raw, where)
     missing = [str(p) for p in exp.train + ([exp.test] if exp.test else []) if not p.exists()]
     if missing:
         raise ConfigError(f"{where}: data file(s) not found: {missing}")
     return exp
 
 
+def _validate(raw: dict, where: str) -> Experiment:
+    try:
+        return Experiment(**raw)
+    except ValidationError as e:
+        raise ConfigError(_format_validation(e, where)) from None
+
+
 def _build_tiny(raw: dict, tiny: list[dict], where: str) -> None:
     from nikl_ray.data import read_rows
     from nikl_ray.tiny import TINY_KINDS, make_tiny_backbone
 
-    try:
-        task = get_task(raw.get("task"))
-    except (ValidationError, ValueError) as e:
-        raise ConfigError(f"{where}: task: {e}") from None
+    task = get_task(raw.get("task"))
     results = Path(raw.get("results") or "results")
     texts = None
     for b in tiny:

@@ -90,6 +90,7 @@ def _problem_type(multi_label: bool) -> str:
 # ---------------------------------------------------------------------------- the worker
 def train_fold_worker(config: dict) -> None:
     """Runs inside a Ray Train worker: train one backbone on one fold with HF Trainer."""
+    started = time.time()  # everything from here (imports included) counts as time in the function
     import os
     import tempfile
 
@@ -102,7 +103,6 @@ def train_fold_worker(config: dict) -> None:
     from nikl_ray.metrics import scores
     from nikl_ray.tasks import TaskSpec
 
-    started = time.time()
     spec = BackboneSpec(**config["backbone"])
     task = TaskSpec(**config["task"])
     data = ray.get(config["data"]) if isinstance(config["data"], ray.ObjectRef) else config["data"]
@@ -184,6 +184,14 @@ def plan_placements(exp: Experiment, use_gpu: bool) -> dict[str, Placement]:
     return plans
 
 
+def concurrent_slots(placements: list[Placement], cpus: float, gpus: float) -> int:
+    """How many trials the cluster can run at once under the plan (the tightest backbone decides)."""
+    slots = min(int(cpus // p.cpus) for p in placements)
+    if gpus:
+        slots = min(slots, min(int(round(gpus * p.trials_per_card)) for p in placements if p.gpu_share) or slots)
+    return max(1, slots)
+
+
 def _fit_one(loop_config: dict, resources: dict, use_gpu: bool, storage: str, run_name: str, max_failures: int) -> dict:
     """Build and fit one TorchTrainer; returns where its best checkpoint is. Runs as a Ray task."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -246,22 +254,27 @@ def train_stage(exp: Experiment, rows: Rows, folds: dict, *, backbones: list[str
 
     data_ref = ray.put(rows_payload(rows))
     launch = ray.remote(num_cpus=0)(_fit_one)
-    pending, status = {}, {}
+    todo, status = [], {}
     for spec in specs:
         for fold in range(folds["k"]):
-            d = pair_dir(exp, spec.name, fold)
-            why = manifest_problem(d, pair_inputs(exp, spec, fold, folds))
+            why = manifest_problem(pair_dir(exp, spec.name, fold), pair_inputs(exp, spec, fold, folds))
             if why is None:
                 status[(spec.name, fold)] = "skipped (done)"
-                continue
-            print(f"train {spec.name} fold {fold}: {why} → training", flush=True)
-            p = plans[spec.name]
+            else:
+                print(f"train {spec.name} fold {fold}: {why} → training", flush=True)
+                todo.append((spec, fold))
+    # Submit no more runs than can hold resources at once: queued Train controllers would all
+    # start up together and slow the running trials on small machines.
+    slots = concurrent_slots([plans[s.name] for s in specs], cpus, gpus)
+    pending, failures = {}, []
+    while todo or pending:
+        while todo and len(pending) < slots:
+            spec, fold = todo.pop(0)
+            d, p = pair_dir(exp, spec.name, fold), plans[spec.name]
             loop_config = {"backbone": spec.model_dump(mode="json"), "task": exp.task.model_dump(mode="json"),
                            "data": data_ref, "held_out": folds["folds"][fold], "gpu_share": p.gpu_share}
             pending[launch.remote(loop_config, p.resources(), use_gpu, str(d.parent.resolve()), d.name,
                                   exp.resources.max_failures)] = (spec, fold)
-    failures = []
-    while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         spec, fold = pending.pop(done[0])
         try:

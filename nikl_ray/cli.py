@@ -1,0 +1,126 @@
+"""`nikl-ray`: one command per stage, the same functions the ray jobs call.
+
+    nikl-ray demo                                          # everything, on the shipped demo data
+    nikl-ray pipeline --config my.yaml --local             # split → tune → train → features → ensemble → submit
+    nikl-ray train --config my.yaml --local                # one stage
+    ray job submit --working-dir . -- python ray_jobs/pipeline.py --config my.yaml   # on a cluster
+
+`--local` starts a Ray instance on this machine; without it we join the running cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+EXAMPLE = Path(__file__).parent / "examples" / "tiny.yaml"
+
+
+def _experiment(args):
+    from nikl_ray.config import load_experiment
+
+    overrides = {"results": args.results} if getattr(args, "results", None) else None
+    return load_experiment(args.config, overrides)
+
+
+def _connect(args) -> None:
+    from nikl_ray.cluster import connect
+
+    connect(local=args.local, num_cpus=getattr(args, "num_cpus", None))
+
+
+def cmd_validate(args) -> int:
+    from nikl_ray.pipeline import load_inputs
+
+    exp = _experiment(args)
+    rows, test = load_inputs(exp)
+    print(f"ok: {len(rows)} labelled rows, {len(test) if test else 0} test rows, "
+          f"{len(exp.backbones)} backbone(s): {', '.join(b.name for b in exp.backbones)}")
+    return 0
+
+
+def cmd_split(args) -> int:
+    from nikl_ray.folds import split_stage
+    from nikl_ray.pipeline import load_inputs
+
+    exp = _experiment(args)
+    rows, _ = load_inputs(exp)
+    split_stage(exp, rows)
+    return 0
+
+
+def cmd_make_backbones(args) -> int:
+    from nikl_ray.data import read_rows
+    from nikl_ray.tasks import get_task
+    from nikl_ray.tiny import make_tiny_backbones
+
+    rows = read_rows(args.data, get_task(args.task))
+    for kind, path in make_tiny_backbones(rows.texts, args.out, kinds=args.kinds).items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from nikl_ray.folds import split_stage
+    from nikl_ray.pipeline import load_inputs
+    from nikl_ray.train import train_stage
+
+    exp = _experiment(args)
+    rows, _ = load_inputs(exp)
+    folds = split_stage(exp, rows)
+    _connect(args)
+    print(f"summary: {train_stage(exp, rows, folds, backbones=args.backbone)}")
+    return 0
+
+
+def _add_common(p: argparse.ArgumentParser, *, config_required: bool = True) -> None:
+    p.add_argument("--config", required=config_required, default=None if config_required else str(EXAMPLE),
+                   help="experiment YAML")
+    p.add_argument("--results", help="results root (overrides the experiment's)")
+    p.add_argument("--local", action="store_true", help="start a Ray instance on this machine instead of joining a cluster")
+    p.add_argument("--num-cpus", type=int, help="with --local: CPUs Ray may use (default: all)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="nikl-ray", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("validate", help="check an experiment file and its data, train nothing")
+    _add_common(p)
+    p.set_defaults(fn=cmd_validate)
+
+    p = sub.add_parser("split", help="make the stratified K-fold manifest")
+    _add_common(p)
+    p.set_defaults(fn=cmd_split)
+
+    p = sub.add_parser("make-backbones", help="build tiny random-init HF backbones with a tokenizer trained on the task's text")
+    p.add_argument("--task", default="nikl-emotion")
+    p.add_argument("--data", nargs="+", default=[str(Path(__file__).parent / "demo_data" / "train.jsonl")])
+    p.add_argument("--out", required=True)
+    p.add_argument("--kinds", nargs="+", default=["electra", "roberta", "gpt_neox", "llama"])
+    p.set_defaults(fn=cmd_make_backbones)
+
+    p = sub.add_parser("train", help="train every fold × backbone as Ray Train runs")
+    _add_common(p)
+    p.add_argument("--backbone", action="append", help="only this backbone (repeatable)")
+    p.set_defaults(fn=cmd_train)
+
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from nikl_ray.config import ConfigError
+    from nikl_ray.data import DataError
+    from nikl_ray.folds import FoldMismatchError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ConfigError, DataError, FoldMismatchError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
