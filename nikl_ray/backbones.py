@@ -107,6 +107,14 @@ class BackboneSpec(BaseModel):
         return DEFAULT_LORA_TARGETS[mt]
 
 
+def quiet_transformers() -> None:
+    """The per-load weight bars and "newly initialized head" reports are expected noise here."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 def load_tokenizer(spec: BackboneSpec):
     from transformers import AutoTokenizer
 
@@ -131,9 +139,9 @@ def _precision(spec: BackboneSpec):
 def load_for_classification(spec: BackboneSpec, num_labels: int, problem_type: str, tokenizer, *, adapter_dir: str | None = None):
     """The model to train (or, with `adapter_dir`, a trained LoRA model to run) for `spec`'s mode."""
     import torch
-    from transformers import AutoModelForSequenceClassification, logging as hf_logging
+    from transformers import AutoModelForSequenceClassification
 
-    hf_logging.set_verbosity_error()  # the "newly initialized head" report is expected here
+    quiet_transformers()
     kwargs = dict(num_labels=num_labels, problem_type=problem_type, trust_remote_code=spec.trust_remote_code,
                   pad_token_id=tokenizer.pad_token_id)
     dtype = _precision(spec)

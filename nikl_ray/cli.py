@@ -74,6 +74,59 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_features(args) -> int:
+    from nikl_ray.features import features_stage
+    from nikl_ray.folds import split_stage
+    from nikl_ray.pipeline import load_inputs
+
+    exp = _experiment(args)
+    rows, test = load_inputs(exp)
+    folds = split_stage(exp, rows)
+    _connect(args)
+    print(f"features: {features_stage(exp, rows, folds, test)}")
+    return 0
+
+
+def cmd_ensemble(args) -> int:
+    from nikl_ray.ensemble import ensemble_stage
+    from nikl_ray.folds import split_stage
+    from nikl_ray.pipeline import load_inputs
+
+    exp = _experiment(args)
+    rows, test = load_inputs(exp)
+    folds = split_stage(exp, rows)
+    _connect(args)
+    print(f"report: {ensemble_stage(exp, rows, folds, test)}")
+    return 0
+
+
+def cmd_pipeline(args) -> int:
+    from nikl_ray.pipeline import run_pipeline
+
+    exp = _experiment(args)
+    _connect(args)
+    run_pipeline(exp, tune=args.tune)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    """The whole pipeline on the shipped demo data with tiny backbones, on this machine."""
+    args.config, args.local, args.tune = str(EXAMPLE), True, False
+    args.results = args.results or "results/demo"
+    return cmd_pipeline(args)
+
+
+def cmd_predict(args) -> int:
+    from nikl_ray.predict import predict_text
+
+    exp = _experiment(args)
+    probs, labels = predict_text(exp, args.text, args.target)
+    for name, p in probs.items():
+        print(f"{name:<14} {p:.3f}{'  ✓' if name in labels else ''}")
+    print("labels:", ", ".join(labels) or "(none)")
+    return 0
+
+
 def _add_common(p: argparse.ArgumentParser, *, config_required: bool = True) -> None:
     p.add_argument("--config", required=config_required, default=None if config_required else str(EXAMPLE),
                    help="experiment YAML")
@@ -105,6 +158,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--backbone", action="append", help="only this backbone (repeatable)")
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("features", help="out-of-fold and test features of every fold model")
+    _add_common(p)
+    p.set_defaults(fn=cmd_features)
+
+    p = sub.add_parser("ensemble", help="train the stacked MLP heads, compare ensembles, write report and submission")
+    _add_common(p)
+    p.set_defaults(fn=cmd_ensemble)
+
+    p = sub.add_parser("pipeline", help="split → (tune) → train → features → ensemble → submit, skipping finished stages")
+    _add_common(p)
+    p.add_argument("--tune", action="store_true", help="search hyper-parameters first for backbones with a search space")
+    p.set_defaults(fn=cmd_pipeline)
+
+    p = sub.add_parser("demo", help="the whole pipeline on the shipped demo data with tiny backbones (CPU, minutes)")
+    p.add_argument("--results", help="results root (default results/demo)")
+    p.add_argument("--num-cpus", type=int, help="CPUs Ray may use (default: all)")
+    p.set_defaults(fn=cmd_demo)
+
+    p = sub.add_parser("predict", help="labels for one sentence from a finished run")
+    _add_common(p)
+    p.add_argument("--text", required=True)
+    p.add_argument("--target", help="the target span (NIKL); leave out for the whole text")
+    p.set_defaults(fn=cmd_predict)
 
     return parser
 

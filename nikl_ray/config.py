@@ -44,7 +44,9 @@ class EnsembleConfig(BaseModel):
     epochs: int = Field(200, ge=1, description="Maximum epochs of a head (early stopping on inner micro-F1).")
     patience: int = Field(20, ge=1)
     dropout: float = Field(0.2, ge=0, lt=1)
+    use_hidden: bool = Field(True, description="Stack the members' pooled hidden states too, not only their probabilities.")
     lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(64, ge=1)
     seed: int = 0
 
 
