@@ -74,6 +74,22 @@ def cmd_train(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from nikl_ray.folds import split_stage
+    from nikl_ray.pipeline import load_inputs
+    from nikl_ray.tune import tune_stage
+
+    exp = _experiment(args)
+    rows, _ = load_inputs(exp)
+    folds = split_stage(exp, rows)
+    names = args.backbone or list(exp.search_spaces) or [b.name for b in exp.backbones]
+    _connect(args)
+    for name in names:
+        tune_stage(exp, rows, folds, name, num_samples=args.num_samples, fold=args.fold, resume=args.resume,
+                   grace_period=args.grace_period, prune_metric=args.prune_metric, seed=args.seed, space_path=args.space)
+    return 0
+
+
 def cmd_features(args) -> int:
     from nikl_ray.features import features_stage
     from nikl_ray.folds import split_stage
@@ -158,6 +174,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--backbone", action="append", help="only this backbone (repeatable)")
     p.set_defaults(fn=cmd_train)
+
+    p = sub.add_parser("tune", help="Ray Tune + Optuna search per backbone; writes leaderboard and best_config.yaml")
+    _add_common(p)
+    p.add_argument("--backbone", action="append", help="backbone to tune (repeatable; default: those with a search space)")
+    p.add_argument("--space", help="search space YAML (default: the experiment's, else search_spaces/<family>_<mode>.yaml)")
+    p.add_argument("--num-samples", type=int, default=8, help="trials per backbone")
+    p.add_argument("--fold", type=int, default=0, help="the fold whose held-out rows score the trials")
+    p.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial may be stopped")
+    p.add_argument("--prune-metric", default="eval_micro_f1", help="what ASHA compares (eval_micro_f1 or eval_loss)")
+    p.add_argument("--seed", type=int, default=0, help="TPE sampler seed")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted search")
+    p.set_defaults(fn=cmd_tune)
 
     p = sub.add_parser("features", help="out-of-fold and test features of every fold model")
     _add_common(p)

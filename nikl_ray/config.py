@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
 from nikl_ray.backbones import BackboneSpec
 from nikl_ray.tasks import TaskSpec, get_task
@@ -62,6 +62,7 @@ class Experiment(BaseModel):
     resources: ResourcesConfig = ResourcesConfig()
     ensemble: EnsembleConfig = EnsembleConfig()
     search_spaces: dict[str, Path] = Field({}, description="Backbone name → search space YAML for `tune`.")
+    _source: tuple = PrivateAttr(default=())  # (raw mapping, base folder, name) to re-read after tuning
 
     @field_validator("task", mode="before")
     @classmethod
@@ -109,7 +110,7 @@ def parse_experiment(raw: dict, base_dir: str | Path = ".", where: str = "<exper
     base = Path(base_dir).resolve()
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping at the top level")
-    raw = dict(raw)
+    source, raw = raw, dict(raw)
     for key in ("train",):
         if isinstance(raw.get(key), (str, Path)):
             raw[key] = [raw[key]]
@@ -123,10 +124,12 @@ def parse_experiment(raw: dict, base_dir: str | Path = ".", where: str = "<exper
     if not isinstance(defaults, dict):
         raise ConfigError(f"{where}: defaults: expected a mapping")
     backbones = []
+    results = Path(raw["results"])
     for i, b in enumerate(raw.get("backbones") or []):
         if not isinstance(b, dict):
             raise ConfigError(f"{where}: backbones.{i}: expected a mapping")
-        b = {**defaults, **b}
+        # precedence: the backbone's own keys > its tuned best config > the file's defaults
+        b = {**defaults, **tuned_config(results, b.get("name")), **b}
         if "checkpoint" in b:
             b["checkpoint"] = _resolve(base, b["checkpoint"])
         backbones.append(b)
@@ -139,7 +142,24 @@ def parse_experiment(raw: dict, base_dir: str | Path = ".", where: str = "<exper
     missing = [str(p) for p in exp.train + ([exp.test] if exp.test else []) if not p.exists()]
     if missing:
         raise ConfigError(f"{where}: data file(s) not found: {missing}")
+    exp._source = (source, base, where)
     return exp
+
+
+def tuned_config(results: Path, backbone: Any) -> dict:
+    """The best config `nikl-ray tune` wrote for `backbone`, or {}."""
+    path = results / "tune" / str(backbone) / "best_config.yaml"
+    if not isinstance(backbone, str) or not path.exists():
+        return {}
+    best = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    print(f"{backbone}: using tuned {best} from {path}", flush=True)
+    return best
+
+
+def reload_experiment(exp: Experiment) -> Experiment:
+    """Read the experiment again (after tuning, so best configs apply)."""
+    raw, base, where = exp._source
+    return parse_experiment(raw, base, where)
 
 
 def _validate(raw: dict, where: str) -> Experiment:

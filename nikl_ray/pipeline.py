@@ -48,9 +48,9 @@ def run_pipeline(exp: Experiment, *, tune: bool = False) -> dict:
         for spec in exp.backbones:
             if spec.name in exp.search_spaces:
                 timed(f"tune {spec.name}", tune_stage, exp, rows, folds, spec.name)
-        from nikl_ray.config import apply_best_configs
+        from nikl_ray.config import reload_experiment
 
-        exp = apply_best_configs(exp)
+        exp = reload_experiment(exp)  # the tuned best configs apply from here on
     summary = timed("train", train_stage, exp, rows, folds)
     timed("features", features_stage, exp, rows, folds, test)
     report = timed("ensemble", ensemble_stage, exp, rows, folds, test)

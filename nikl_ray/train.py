@@ -192,17 +192,24 @@ def concurrent_slots(placements: list[Placement], cpus: float, gpus: float) -> i
     return max(1, slots)
 
 
-def _fit_one(loop_config: dict, resources: dict, use_gpu: bool, storage: str, run_name: str, max_failures: int) -> dict:
-    """Build and fit one TorchTrainer; returns where its best checkpoint is. Runs as a Ray task."""
+def make_trainer(loop_config: dict, resources: dict, use_gpu: bool, storage: str, run_name: str, max_failures: int,
+                 callbacks: list | None = None):
+    """The TorchTrainer of one (backbone, fold) run: used by the train stage and by every tune trial."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_fold_worker, train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name=run_name, storage_path=storage, failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=METRIC,
-                                                                checkpoint_score_order="max")))
+                                                                checkpoint_score_order="max"),
+                             callbacks=callbacks))
+
+
+def _fit_one(loop_config: dict, resources: dict, use_gpu: bool, storage: str, run_name: str, max_failures: int) -> dict:
+    """Build and fit one TorchTrainer; returns where its best checkpoint is. Runs as a Ray task."""
+    trainer = make_trainer(loop_config, resources, use_gpu, storage, run_name, max_failures)
     t0 = time.time()
     result = trainer.fit()
     best = result.get_best_checkpoint(metric=METRIC, mode="max")

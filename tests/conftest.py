@@ -48,3 +48,29 @@ def ray_local():
     connect(local=True, num_cpus=2, dashboard=False)
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def trained(tmp_path_factory, tiny_backbones, ray_local):
+    """Encoder full, GPT-NeoX LoRA and GPT-NeoX QLoRA, two folds each, trained once per session
+    through real Ray Train: (exp, rows, folds, test, train summary path)."""
+    from nikl_ray.config import parse_experiment
+    from nikl_ray.folds import split_stage
+    from nikl_ray.pipeline import load_inputs
+    from nikl_ray.train import train_stage
+
+    exp = parse_experiment({
+        "task": "nikl-emotion", "train": str(DEMO_DIR / "train.jsonl"), "test": str(DEMO_DIR / "test.jsonl"),
+        "results": str(tmp_path_factory.mktemp("results")), "folds": {"k": 2, "seed": 0},
+        "defaults": {"epochs": 3, "batch_size": 16, "max_length": 40},
+        "ensemble": {"hidden_sizes": [16, 32], "inner_folds": 2, "epochs": 60, "patience": 10},
+        "backbones": [
+            {"name": "enc-full", "checkpoint": str(tiny_backbones["electra"]), "mode": "full", "lr": 1e-3},
+            {"name": "neox-lora", "checkpoint": str(tiny_backbones["gpt_neox"]), "mode": "lora", "lr": 5e-3, "lora_r": 8,
+             "epochs": 8, "early_stopping_patience": 8},
+            {"name": "neox-qlora", "checkpoint": str(tiny_backbones["gpt_neox"]), "mode": "qlora", "lr": 5e-3, "lora_r": 8,
+             "target_encoding": "pair"},
+        ]})
+    rows, test = load_inputs(exp)
+    folds = split_stage(exp, rows)
+    return exp, rows, folds, test, train_stage(exp, rows, folds)
