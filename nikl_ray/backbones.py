@@ -68,6 +68,8 @@ class BackboneSpec(BaseModel):
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="auto: bf16 on GPUs that have it, else fp16; fp32 on CPU.")
     gradient_checkpointing: bool | None = Field(None, description="Default: on for decoders on GPU.")
     seed: int = 42
+    oom_retry: bool = Field(False, description="On out-of-memory, retry at half the batch size with twice the gradient "
+                                               "accumulation (same effective batch), down to batch size 1.")
     trust_remote_code: bool = Field(False, description="Run code shipped with the checkpoint. Off unless you trust it.")
     params: float | None = Field(None, gt=0, description="Parameter count for the memory estimate; read from the config when left out.")
 

@@ -3,7 +3,7 @@
     nikl-ray demo                                          # everything, on the shipped demo data
     nikl-ray pipeline --config my.yaml --local             # split → tune → train → features → ensemble → submit
     nikl-ray train --config my.yaml --local                # one stage
-    ray job submit --working-dir . -- python ray_jobs/pipeline.py --config my.yaml   # on a cluster
+    ray job submit --runtime-env ray_jobs/runtime_env.yaml -- python ray_jobs/pipeline.py --config my.yaml  # cluster
 
 `--local` starts a Ray instance on this machine; without it we join the running cluster.
 """

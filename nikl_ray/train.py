@@ -88,6 +88,46 @@ def _problem_type(multi_label: bool) -> str:
 
 
 # ---------------------------------------------------------------------------- the worker
+def is_oom(e: BaseException) -> bool:
+    import torch
+
+    return isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in str(e).lower()
+
+
+def oom_message(spec: BackboneSpec, fold, estimate_gb, batch_size: int) -> str:
+    est = f"{estimate_gb:.1f} GB" if estimate_gb is not None else "unknown"
+    return (f"backbone {spec.name} fold {fold} ran out of memory at batch size {batch_size} "
+            f"(placement estimate {est}, mode {spec.mode}, max_length {spec.max_length}). "
+            "Set `oom_retry: true` on the backbone to retry at half the batch size with twice the gradient "
+            "accumulation (same effective batch), or lower batch_size / max_length, or raise resources.card_gb only "
+            "if the card really is larger.")
+
+
+def run_with_oom_retry(spec: BackboneSpec, fold, estimate_gb, model, fit, reload_model) -> None:
+    """fit(spec, model); on out-of-memory, halve the batch (doubling accumulation) if the spec allows it."""
+    import gc
+
+    import torch
+
+    while True:
+        try:
+            return fit(spec, model)
+        except Exception as e:  # noqa: BLE001 - re-raised unless it is an OOM we may retry
+            if not is_oom(e):
+                raise
+            if not spec.oom_retry or spec.batch_size == 1:
+                raise RuntimeError(oom_message(spec, fold, estimate_gb, spec.batch_size)) from e
+            spec = spec.model_copy(update={"batch_size": spec.batch_size // 2, "grad_accum": spec.grad_accum * 2})
+            print(f"{oom_message(spec, fold, estimate_gb, spec.batch_size * 2)} Retrying at batch size {spec.batch_size} "
+                  f"× {spec.grad_accum} accumulation steps.", flush=True)
+            del model
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            model = reload_model()
+
+
+
 def train_fold_worker(config: dict) -> None:
     """Runs inside a Ray Train worker: train one backbone on one fold with HF Trainer."""
     started = time.time()  # everything from here (imports included) counts as time in the function
@@ -143,28 +183,37 @@ def train_fold_worker(config: dict) -> None:
     precision = spec.precision if spec.precision != "auto" else ("bf16" if use_cuda and torch.cuda.is_bf16_supported() else "fp16")
     grad_ckpt = spec.gradient_checkpointing if spec.gradient_checkpointing is not None else (use_cuda and spec.family == "decoder")
     out_dir = tempfile.mkdtemp(prefix="nikl-ray-hf-")
-    args = TrainingArguments(
-        output_dir=out_dir, num_train_epochs=spec.epochs, learning_rate=spec.lr, weight_decay=spec.weight_decay,
-        warmup_steps=spec.warmup_ratio, per_device_train_batch_size=spec.batch_size,
-        per_device_eval_batch_size=spec.batch_size * 2, gradient_accumulation_steps=spec.grad_accum,
-        eval_strategy="epoch", save_strategy="epoch", logging_strategy="epoch",
-        load_best_model_at_end=True, metric_for_best_model="micro_f1", greater_is_better=True, save_total_limit=2,
-        seed=spec.seed, data_seed=spec.seed, report_to="none", disable_tqdm=True, dataloader_num_workers=0,
-        use_cpu=not use_cuda, fp16=use_cuda and precision == "fp16", bf16=use_cuda and precision == "bf16",
-        gradient_checkpointing=grad_ckpt,
-    )
-    loss_fn = asymmetric_loss if spec.loss == "asl" else None
-    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
-                      data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
-                      compute_metrics=compute_metrics, compute_loss_func=loss_fn,
-                      callbacks=[EarlyStoppingCallback(spec.early_stopping_patience), ResourceLog(), RayTrainReportCallback()])
-    trainer = prepare_trainer(trainer)
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint:  # restarted after a failure or a killed driver: continue mid-run
-        with checkpoint.as_directory() as ckpt_dir:
-            trainer.train(resume_from_checkpoint=os.path.join(ckpt_dir, HF_CHECKPOINT))
-    else:
-        trainer.train()
+
+    def build_trainer(spec: BackboneSpec, model):
+        args = TrainingArguments(
+            output_dir=out_dir, num_train_epochs=spec.epochs, learning_rate=spec.lr, weight_decay=spec.weight_decay,
+            warmup_steps=spec.warmup_ratio, per_device_train_batch_size=spec.batch_size,
+            per_device_eval_batch_size=spec.batch_size * 2, gradient_accumulation_steps=spec.grad_accum,
+            eval_strategy="epoch", save_strategy="epoch", logging_strategy="epoch",
+            load_best_model_at_end=True, metric_for_best_model="micro_f1", greater_is_better=True, save_total_limit=2,
+            seed=spec.seed, data_seed=spec.seed, report_to="none", disable_tqdm=True, dataloader_num_workers=0,
+            use_cpu=not use_cuda, fp16=use_cuda and precision == "fp16", bf16=use_cuda and precision == "bf16",
+            gradient_checkpointing=grad_ckpt,
+        )
+        return prepare_trainer(Trainer(
+            model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds,
+            data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer, compute_metrics=compute_metrics,
+            compute_loss_func=asymmetric_loss if spec.loss == "asl" else None,
+            callbacks=[EarlyStoppingCallback(spec.early_stopping_patience), ResourceLog(), RayTrainReportCallback()]))
+
+    def fit(spec: BackboneSpec, model):
+        trainer = build_trainer(spec, model)
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint:  # restarted after a failure or a killed driver: continue mid-run
+            with checkpoint.as_directory() as ckpt_dir:
+                trainer.train(resume_from_checkpoint=os.path.join(ckpt_dir, HF_CHECKPOINT))
+        else:
+            trainer.train()
+
+    def reload_model():
+        return load_for_classification(spec, len(task.labels), _problem_type(task.multi_label), tokenizer)
+
+    run_with_oom_retry(spec, config.get("fold"), config.get("estimate_gb"), model, fit, reload_model)
 
 
 # ---------------------------------------------------------------------------- the driver
@@ -279,7 +328,8 @@ def train_stage(exp: Experiment, rows: Rows, folds: dict, *, backbones: list[str
             spec, fold = todo.pop(0)
             d, p = pair_dir(exp, spec.name, fold), plans[spec.name]
             loop_config = {"backbone": spec.model_dump(mode="json"), "task": exp.task.model_dump(mode="json"),
-                           "data": data_ref, "held_out": folds["folds"][fold], "gpu_share": p.gpu_share}
+                           "data": data_ref, "held_out": folds["folds"][fold], "gpu_share": p.gpu_share,
+                           "fold": fold, "estimate_gb": p.estimate_gb}
             pending[launch.remote(loop_config, p.resources(), use_gpu, str(d.parent.resolve()), d.name,
                                   exp.resources.max_failures)] = (spec, fold)
         done, _ = ray.wait(list(pending), num_returns=1)

@@ -1,12 +1,14 @@
 """Train every fold × backbone of an experiment as Ray Train runs.
 
 Locally:      python ray_jobs/train_folds.py --config nikl_ray/examples/tiny.yaml --local
-On a cluster: ray job submit --working-dir . -- python ray_jobs/train_folds.py --config my.yaml
+On a cluster: ray job submit --runtime-env ray_jobs/runtime_env.yaml -- python ray_jobs/train_folds.py --config my.yaml
 """
 
 import sys
+from pathlib import Path
 
-from nikl_ray.cli import main
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the job's working dir, if nikl-ray is not installed
+from nikl_ray.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["train", *sys.argv[1:]]))

@@ -1,0 +1,183 @@
+"""Crashes, kills, bad artifacts and out-of-memory: nothing finished is lost, nothing broken is used."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import DEMO_DIR
+from nikl_ray.artifacts import load_manifest, manifest_problem, write_manifest, write_text
+from nikl_ray.backbones import BackboneSpec
+from nikl_ray.train import oom_message, pair_dir, read_history, run_with_oom_retry
+
+
+# ---------------------------------------------------------------------------- out of memory
+def _spec(tiny_backbones, **kw):
+    return BackboneSpec(name="neox", checkpoint=str(tiny_backbones["gpt_neox"]), mode="lora", batch_size=16, **kw)
+
+
+def test_out_of_memory_names_backbone_fold_batch_and_estimate(tiny_backbones):
+    def fit(spec, model):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    with pytest.raises(RuntimeError) as e:
+        run_with_oom_retry(_spec(tiny_backbones), 3, 2.96, None, fit, lambda: None)
+    msg = str(e.value)
+    for part in ("backbone neox", "fold 3", "batch size 16", "placement estimate 3.0 GB", "oom_retry: true"):
+        assert part in msg
+
+
+def test_oom_retry_halves_the_batch_and_keeps_the_effective_batch(tiny_backbones):
+    seen = []
+
+    def fit(spec, model):
+        seen.append((spec.batch_size, spec.grad_accum))
+        if spec.batch_size > 4:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+
+    run_with_oom_retry(_spec(tiny_backbones, oom_retry=True), 0, 1.0, object(), fit, lambda: object())
+    assert seen == [(16, 1), (8, 2), (4, 4)]
+
+
+def test_other_errors_are_not_mistaken_for_out_of_memory(tiny_backbones):
+    def fit(spec, model):
+        raise ValueError("bad label")
+
+    with pytest.raises(ValueError, match="bad label"):
+        run_with_oom_retry(_spec(tiny_backbones, oom_retry=True), 0, 1.0, None, fit, lambda: None)
+    assert "batch size 8" in oom_message(_spec(tiny_backbones), 0, None, 8)
+
+
+# ---------------------------------------------------------------------------- artifacts
+def test_a_truncated_or_altered_artifact_is_named(tmp_path):
+    write_text(tmp_path / "a.txt", "hello")
+    write_manifest(tmp_path, inputs={"x": 1}, files=[tmp_path / "a.txt"])
+    assert manifest_problem(tmp_path, {"x": 1}) is None
+    assert manifest_problem(tmp_path, {"x": 2}) == "inputs or config changed"
+    (tmp_path / "a.txt").write_text("hell")
+    assert "a.txt was truncated or altered" in manifest_problem(tmp_path, {"x": 1})
+    (tmp_path / "a.txt").unlink()
+    assert "a.txt is missing" in manifest_problem(tmp_path, {"x": 1})
+
+
+@pytest.mark.slow
+def test_a_stage_recomputes_a_truncated_feature_file_instead_of_using_it(trained, capsys):
+    from nikl_ray.features import feature_dir, features_stage
+
+    exp, rows, folds, test, _ = trained
+    features_stage(exp, rows, folds, test)
+    target = feature_dir(exp, "tfidf-lr", 0) / "oof_probs.npy"
+    before = np.load(target, allow_pickle=False)
+    target.write_bytes(target.read_bytes()[:100])
+    features_stage(exp, rows, folds, test)
+    assert "oof_probs.npy was truncated or altered" in capsys.readouterr().out
+    np.testing.assert_array_equal(np.load(target, allow_pickle=False), before)
+
+
+# ---------------------------------------------------------------------------- kills
+def _config(tmp_path, tiny_backbones, name="exp.yaml", results="res") -> Path:
+    cfg = {"task": "nikl-emotion", "train": str(DEMO_DIR / "train.jsonl"), "results": str(tmp_path / results),
+           "folds": {"k": 2, "seed": 0}, "classical": False,
+           "backbones": [{"name": "neox", "checkpoint": str(tiny_backbones["gpt_neox"]), "mode": "lora", "lr": 5e-3,
+                          "epochs": 4, "early_stopping_patience": 4, "batch_size": 16, "max_length": 40}]}
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _checkpoints(run_dir: Path) -> list[Path]:
+    return sorted(run_dir.glob("checkpoint_*")) if run_dir.exists() else []
+
+
+def _resumed(history: list[dict]) -> bool:
+    """True when the run was restarted mid-way: the carried-over log restarts its in-function clock."""
+    clock = [h["train_fn_seconds"] for h in history if "train_fn_seconds" in h]
+    return any(b < a for a, b in zip(clock, clock[1:]))
+
+
+@pytest.mark.slow
+def test_a_worker_killed_mid_run_is_retried_and_the_run_completes(tmp_path, tiny_backbones, ray_local):
+    import psutil
+
+    from nikl_ray.config import load_experiment
+    from nikl_ray.folds import split_stage
+    from nikl_ray.pipeline import load_inputs
+    from nikl_ray.train import train_stage
+
+    exp = load_experiment(_config(tmp_path, tiny_backbones))
+    rows, _ = load_inputs(exp)
+    folds = split_stage(exp, rows)
+    outcome = {}
+    thread = threading.Thread(target=lambda: outcome.setdefault("summary", train_stage(exp, rows, folds)))
+    thread.start()
+    deadline = time.time() + 300
+    while time.time() < deadline and not _checkpoints(pair_dir(exp, "neox", 0)):
+        time.sleep(0.2)
+    killed = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+    assert killed, "no Ray Train worker process found"
+    for p in killed:
+        p.kill()
+    thread.join(600)
+    assert "summary" in outcome
+    m = load_manifest(pair_dir(exp, "neox", 0))
+    assert m["epochs_run"] == 4
+    ckpt = pair_dir(exp, "neox", 0) / Path(m["best_checkpoint"]).parent
+    assert _resumed(read_history(ckpt)) or _resumed(read_history(_checkpoints(pair_dir(exp, "neox", 0))[-1]))
+
+
+@pytest.mark.slow
+def test_a_killed_driver_resumes_without_retraining_and_matches_an_uninterrupted_run(tmp_path, tiny_backbones, ray_local):
+    """SIGKILL the driver (and its Ray) mid-train; the same command again skips the finished fold,
+    resumes the interrupted one from its last checkpoint, and ends with the same weights as a run
+    that was never interrupted (CPU training with fixed seeds is deterministic)."""
+    from safetensors.numpy import load_file
+
+    from nikl_ray.config import load_experiment
+    from nikl_ray.folds import split_stage
+    from nikl_ray.pipeline import load_inputs
+    from nikl_ray.train import train_stage
+
+    config = _config(tmp_path, tiny_backbones)
+    exp = load_experiment(config)
+    cmd = [sys.executable, "-m", "nikl_ray.cli", "train", "--config", str(config), "--local", "--num-cpus", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:  # one CPU: fold 0 trains to the end, then fold 1 starts; kill once fold 1 has a checkpoint
+        deadline = time.time() + 400
+        while time.time() < deadline and not (_checkpoints(pair_dir(exp, "neox", 1))
+                                               and (pair_dir(exp, "neox", 0) / "manifest.json").exists()):
+            assert proc.poll() is None, "training ended before it could be killed"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (pair_dir(exp, "neox", 1) / "manifest.json").exists(), "fold 1 finished before the kill"
+    fold0 = (pair_dir(exp, "neox", 0) / "manifest.json").read_text()
+
+    rows, _ = load_inputs(exp)
+    folds = split_stage(exp, rows)
+    summary = train_stage(exp, rows, folds)
+    status = {r.split(",")[1]: r.split(",")[-1] for r in summary.read_text().splitlines()[1:]}
+    assert status == {"0": "skipped (done)", "1": "trained"}
+    assert (pair_dir(exp, "neox", 0) / "manifest.json").read_text() == fold0
+    resumed = load_manifest(pair_dir(exp, "neox", 1))
+    latest = _checkpoints(pair_dir(exp, "neox", 1))[-1]
+    assert _resumed(read_history(latest)), "fold 1 started over instead of resuming"
+
+    reference = load_experiment(_config(tmp_path, tiny_backbones, "ref.yaml", "ref"))
+    train_stage(reference, rows, split_stage(reference, rows))
+    ref = load_manifest(pair_dir(reference, "neox", 1))
+    a = load_file(str(pair_dir(exp, "neox", 1) / resumed["best_checkpoint"] / "adapter_model.safetensors"))
+    b = load_file(str(pair_dir(reference, "neox", 1) / ref["best_checkpoint"] / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-5, err_msg=k)
+    assert resumed["micro_f1"] == pytest.approx(ref["micro_f1"], abs=1e-6)
