@@ -40,13 +40,33 @@ def cmd_validate(args) -> int:
     return 0
 
 
-def cmd_split(args) -> int:
+def _prepared(args, *, ray: bool = True):
+    """What every stage command starts from: the experiment, validated rows, folds, and Ray."""
     from nikl_ray.folds import split_stage
     from nikl_ray.pipeline import load_inputs
 
     exp = _experiment(args)
-    rows, _ = load_inputs(exp)
-    split_stage(exp, rows)
+    rows, test = load_inputs(exp)
+    folds = split_stage(exp, rows)
+    if ray:
+        _connect(args)
+    return exp, rows, test, folds
+
+
+def cmd_split(args) -> int:
+    _prepared(args, ray=False)
+    return 0
+
+
+def cmd_plan(args) -> int:
+    """The placement plan for a cluster of this shape, without starting Ray."""
+    from nikl_ray.placement import format_plan
+    from nikl_ray.train import plan_placements
+
+    exp = _experiment(args)
+    use_gpu = args.gpus > 0
+    plans = plan_placements(exp, use_gpu)
+    print(format_plan(list(plans.values()), card_gb=exp.resources.card_gb, total_cpus=args.cpus, total_gpus=args.gpus))
     return 0
 
 
@@ -62,29 +82,18 @@ def cmd_make_backbones(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from nikl_ray.folds import split_stage
-    from nikl_ray.pipeline import load_inputs
     from nikl_ray.train import train_stage
 
-    exp = _experiment(args)
-    rows, _ = load_inputs(exp)
-    folds = split_stage(exp, rows)
-    _connect(args)
+    exp, rows, _, folds = _prepared(args)
     print(f"summary: {train_stage(exp, rows, folds, backbones=args.backbone)}")
     return 0
 
 
 def cmd_tune(args) -> int:
-    from nikl_ray.folds import split_stage
-    from nikl_ray.pipeline import load_inputs
     from nikl_ray.tune import tune_stage
 
-    exp = _experiment(args)
-    rows, _ = load_inputs(exp)
-    folds = split_stage(exp, rows)
-    names = args.backbone or list(exp.search_spaces) or [b.name for b in exp.backbones]
-    _connect(args)
-    for name in names:
+    exp, rows, _, folds = _prepared(args)
+    for name in args.backbone or list(exp.search_spaces) or [b.name for b in exp.backbones]:
         tune_stage(exp, rows, folds, name, num_samples=args.num_samples, fold=args.fold, resume=args.resume,
                    grace_period=args.grace_period, prune_metric=args.prune_metric, seed=args.seed, space_path=args.space)
     return 0
@@ -92,26 +101,16 @@ def cmd_tune(args) -> int:
 
 def cmd_features(args) -> int:
     from nikl_ray.features import features_stage
-    from nikl_ray.folds import split_stage
-    from nikl_ray.pipeline import load_inputs
 
-    exp = _experiment(args)
-    rows, test = load_inputs(exp)
-    folds = split_stage(exp, rows)
-    _connect(args)
+    exp, rows, test, folds = _prepared(args)
     print(f"features: {features_stage(exp, rows, folds, test)}")
     return 0
 
 
 def cmd_ensemble(args) -> int:
     from nikl_ray.ensemble import ensemble_stage
-    from nikl_ray.folds import split_stage
-    from nikl_ray.pipeline import load_inputs
 
-    exp = _experiment(args)
-    rows, test = load_inputs(exp)
-    folds = split_stage(exp, rows)
-    _connect(args)
+    exp, rows, test, folds = _prepared(args)
     print(f"report: {ensemble_stage(exp, rows, folds, test)}")
     return 0
 
@@ -162,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("split", help="make the stratified K-fold manifest")
     _add_common(p)
     p.set_defaults(fn=cmd_split)
+
+    p = sub.add_parser("plan", help="print how many trials of each backbone share a card (no Ray needed)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--results", help="results root (overrides the experiment's)")
+    p.add_argument("--gpus", type=float, default=1, help="GPUs in the cluster (0: a CPU plan)")
+    p.add_argument("--cpus", type=float, default=16, help="CPUs in the cluster")
+    p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("make-backbones", help="build tiny random-init HF backbones with a tokenizer trained on the task's text")
     p.add_argument("--task", default="nikl-emotion")

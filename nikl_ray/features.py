@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nikl_ray.artifacts import atomic_path, load_manifest, manifest_problem, write_json, write_manifest
+from nikl_ray.artifacts import atomic_path, load_manifest, manifest_problem, sha256_file, write_json, write_manifest
 from nikl_ray.backbones import BackboneSpec, load_for_classification, quiet_transformers
 from nikl_ray.config import Experiment
 from nikl_ray.data import Rows
@@ -212,7 +212,9 @@ def features_stage(exp: Experiment, rows: Rows, folds: dict, test: Rows | None) 
             else:
                 spec = exp.backbone(member)
                 train_manifest = load_manifest(pair_dir(exp, member, fold))
-                inputs = {"member": member, "train_inputs_hash": train_manifest["inputs_hash"], "test_hash": test_hash}
+                # the train manifest vouches for the weights' checksums: new weights, new features
+                inputs = {"member": member, "train_manifest": sha256_file(pair_dir(exp, member, fold) / "manifest.json"),
+                          "test_hash": test_hash}
                 job = {"fold": fold, "backbone": spec.model_dump(mode="json"), "num_labels": len(exp.task.labels),
                        "multi_label": exp.task.multi_label, "gpu_share": plans[member].gpu_share,
                        "checkpoint": str(pair_dir(exp, member, fold) / train_manifest["best_checkpoint"]),

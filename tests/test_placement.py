@@ -44,3 +44,17 @@ def test_shares_are_always_one_over_k_and_cpu_plans_use_cpus():
         assert abs(1 / p.gpu_share - round(1 / p.gpu_share)) < 1e-9
     cpu = place("x", 3 * GiB, use_gpu=False, cpus=1)
     assert cpu.resources() == {"CPU": 1} and "2 at once" in format_plan([cpu], card_gb=24, total_cpus=2, total_gpus=0)
+
+
+def test_the_shipped_24gb_example_packs_at_least_three_qlora_1_3b_trials_per_card(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[1] / "nikl_ray" / "examples" / "gpu_24gb.yaml"
+    out = subprocess.run([sys.executable, "-m", "nikl_ray.cli", "plan", "--config", str(example), "--gpus", "1",
+                          "--results", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    line = next(l for l in out.stdout.splitlines() if "polyglot-ko-1.3b" in l)
+    per_card = int(line.split("→")[1].split("trial")[0])
+    assert per_card >= 3, out.stdout
