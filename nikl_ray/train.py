@@ -175,7 +175,7 @@ def train_fold_worker(config: dict) -> None:
         """Adds time-in-function and peak device memory to what Ray is told at each save."""
 
         def on_save(self, args, state, control, **kw):
-            extra = {"train_fn_seconds": time.time() - started}
+            extra = {"train_fn_seconds": time.time() - started, "resumed_from_checkpoint": resumed}
             if use_cuda:
                 extra["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1024**3
             state.log_history.append(extra)
@@ -201,9 +201,11 @@ def train_fold_worker(config: dict) -> None:
             compute_loss_func=asymmetric_loss if spec.loss == "asl" else None,
             callbacks=[EarlyStoppingCallback(spec.early_stopping_patience), ResourceLog(), RayTrainReportCallback()]))
 
+    checkpoint = ray.train.get_checkpoint()
+    resumed = checkpoint is not None
+
     def fit(spec: BackboneSpec, model):
         trainer = build_trainer(spec, model)
-        checkpoint = ray.train.get_checkpoint()
         if checkpoint:  # restarted after a failure or a killed driver: continue mid-run
             with checkpoint.as_directory() as ckpt_dir:
                 trainer.train(resume_from_checkpoint=os.path.join(ckpt_dir, HF_CHECKPOINT))

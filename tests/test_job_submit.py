@@ -5,6 +5,7 @@ import re
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -59,17 +60,26 @@ def test_pipeline_job_submitted_to_a_real_cluster_succeeds_and_writes_its_submis
     port, dash = _free_port(), _free_port()
     temp = Path("/tmp") / f"ray-job-test-{os.getpid()}"  # Ray's socket paths must stay short
     env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": ""}
+    # Own ports for the node's agents too: their defaults (e.g. 52365 for the job agent) are held by
+    # any other Ray instance on the machine, and the job server then has "No available agent".
     start = _ray("start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                 f"--dashboard-agent-listen-port={_free_port()}", f"--dashboard-agent-grpc-port={_free_port()}",
+                 f"--runtime-env-agent-port={_free_port()}", f"--metrics-export-port={_free_port()}",
                  "--num-cpus=2", f"--temp-dir={temp}", "--disable-usage-stats", env=env)
     assert start.returncode == 0, start.stderr
     try:
-        submit = _ray("job", "submit", "--address", f"http://127.0.0.1:{dash}", "--runtime-env", "ray_jobs/runtime_env.yaml",
-                      "--", "python", "ray_jobs/pipeline.py", "--config", str(config), env=env)
-        out = submit.stdout + submit.stderr
+        for _ in range(30):  # the job agent comes up a little after `ray start` returns
+            submit = _ray("job", "submit", "--address", f"http://127.0.0.1:{dash}", "--runtime-env",
+                          "ray_jobs/runtime_env.yaml", "--", "python", "ray_jobs/pipeline.py", "--config", str(config), env=env)
+            out = submit.stdout + submit.stderr
+            if "No available agent" not in out:
+                break
+            time.sleep(2)
         assert submit.returncode == 0, out[-4000:]
         job_id = re.search(r"Job '([^']+)' submitted successfully", out).group(1)
         status = _ray("job", "status", "--address", f"http://127.0.0.1:{dash}", job_id, env=env)
-        assert "SUCCEEDED" in status.stdout + status.stderr
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", status.stdout + status.stderr)
+        assert re.search(r"\bsucceeded\b", plain, re.I), plain
         assert "submission:" in out  # the pipeline's own summary reached the job log
     finally:
         stopped = _stop_cluster(temp)
