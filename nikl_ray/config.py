@@ -111,9 +111,8 @@ def parse_experiment(raw: dict, base_dir: str | Path = ".", where: str = "<exper
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping at the top level")
     source, raw = raw, dict(raw)
-    for key in ("train",):
-        if isinstance(raw.get(key), (str, Path)):
-            raw[key] = [raw[key]]
+    if isinstance(raw.get("train"), (str, Path)):
+        raw["train"] = [raw["train"]]
     raw["train"] = [_resolve(base, p) for p in raw.get("train", [])]
     if raw.get("test"):
         raw["test"] = _resolve(base, str(raw["test"]))

@@ -53,6 +53,7 @@ class Rows:
     targets: list[str | None]
     labels: np.ndarray | None
     records: list[Any] = field(repr=False)  # parsed rows as read, written back by the writer
+    _data_hash: str | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -61,17 +62,20 @@ class Rows:
         index = list(map(int, index))
         return Rows(self.task, self.paths, [self.ids[i] for i in index], [self.texts[i] for i in index],
                     [self.targets[i] for i in index],
-                    None if self.labels is None else self.labels[index], [self.records[i] for i in index])
+                    None if self.labels is None else self.labels[index], [self.records[i] for i in index],
+                    self._data_hash)
 
     def select_ids(self, ids: Sequence[str]) -> "Rows":
         where = {rid: i for i, rid in enumerate(self.ids)}
         return self.take([where[i] for i in ids])
 
     def data_hash(self) -> str:
-        """Hash of the files these rows were read from (fold manifests are tied to it)."""
+        """Hash of the files these rows were read from (fold manifests are tied to it); read once."""
         import hashlib
 
-        return hashlib.sha256("".join(sha256_file(p) for p in self.paths).encode()).hexdigest()
+        if self._data_hash is None:
+            self._data_hash = hashlib.sha256("".join(sha256_file(p) for p in self.paths).encode()).hexdigest()
+        return self._data_hash
 
 
 def _get(obj: Any, dotted: str) -> Any:

@@ -34,7 +34,7 @@ def test_a_local_ray_instance_serves_its_dashboard_on_loopback_only():
     assert url.startswith("127.0.0.1:"), url
 
 
-def test_hub_tokens_never_reach_manifests(trained, monkeypatch):
+def test_hub_tokens_never_reach_manifests(trained):
     exp = trained[0]
     for manifest in exp.results.rglob("manifest.json"):
         assert not re.search(r"hf_[A-Za-z0-9]{20,}|HF_TOKEN|HUGGING_FACE_HUB_TOKEN", manifest.read_text()), manifest
