@@ -40,12 +40,13 @@ def tiny_backbones(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def ray_local():
-    """One real local Ray instance (2 CPUs, no dashboard) shared by the tests that need Ray."""
+    """One real local Ray instance (2 CPUs) shared by the tests that need Ray. Its dashboard serves
+    the state API that Ray Train needs to free the resources of trials Tune stops early."""
     import ray
 
     from nikl_ray.cluster import connect
 
-    connect(local=True, num_cpus=2, dashboard=False)
+    connect(local=True, num_cpus=2)
     yield
     ray.shutdown()
 
