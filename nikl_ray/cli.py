@@ -95,7 +95,8 @@ def cmd_tune(args) -> int:
     exp, rows, _, folds = _prepared(args)
     for name in args.backbone or list(exp.search_spaces) or [b.name for b in exp.backbones]:
         tune_stage(exp, rows, folds, name, num_samples=args.num_samples, fold=args.fold, resume=args.resume,
-                   grace_period=args.grace_period, prune_metric=args.prune_metric, seed=args.seed, space_path=args.space)
+                   grace_period=args.grace_period, prune_metric=args.prune_metric, seed=args.seed, space_path=args.space,
+                   max_concurrent=args.max_concurrent)
     return 0
 
 
@@ -190,6 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial may be stopped")
     p.add_argument("--prune-metric", default="eval_micro_f1", help="what ASHA compares (eval_micro_f1 or eval_loss)")
     p.add_argument("--seed", type=int, default=0, help="TPE sampler seed")
+    p.add_argument("--max-concurrent", type=int, help="run at most this many trials at once (default: all that fit)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted search")
     p.set_defaults(fn=cmd_tune)
 

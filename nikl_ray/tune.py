@@ -104,15 +104,20 @@ def tune_trial(config: dict, base: dict, ctx: dict, data) -> None:
 
 def tune_stage(exp: Experiment, rows: Rows, folds: dict, backbone: str, *, num_samples: int = 8, fold: int = 0,
                resume: bool = False, grace_period: int = 1, prune_metric: str = METRIC, seed: int = 0,
-               space_path: str | Path | None = None) -> Path:
+               space_path: str | Path | None = None, max_concurrent: int | None = None) -> Path:
     """Search `backbone`'s space on one fold; write the leaderboard and best_config.yaml. Returns the latter."""
     import optuna
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from nikl_ray.cluster import cluster_resources
+    from nikl_ray.cluster import cluster_resources, state_api_problem
 
+    problem = state_api_problem()
+    if problem:
+        raise RuntimeError("tune needs Ray's state API, which the Ray dashboard serves: Ray Train frees the resources "
+                           "of a trial stopped early only through it, else later trials wait for ever. Start Ray with "
+                           f"its dashboard (nikl-ray --local does; `ray start --head` does by default). ({problem})")
     spec = exp.backbone(backbone)
     space_path = Path(space_path or exp.search_spaces.get(backbone) or default_space_path(spec))
     space = load_search_space(space_path, spec)
@@ -146,6 +151,8 @@ def tune_stage(exp: Experiment, rows: Rows, folds: dict, backbone: str, *, num_s
         scheduler = ASHAScheduler(metric=prune_metric, mode=mode, max_t=spec.epochs + 1, grace_period=grace_period,
                                   reduction_factor=2)
         slots = concurrent_slots([plan], cpus, gpus)
+        if max_concurrent:  # fewer at once than fit: sequential trials make ASHA's decisions reproducible
+            slots = min(slots, max_concurrent)
         print(f"tune {backbone}: {num_samples} trials over {sorted(space)} from {space_path}, {slots} at once", flush=True)
         tuner = tune.Tuner(trainable, param_space=space,
                            tune_config=tune.TuneConfig(search_alg=searcher, scheduler=scheduler, num_samples=num_samples,
