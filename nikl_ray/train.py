@@ -172,10 +172,16 @@ def train_fold_worker(config: dict) -> None:
         return scores(onehot[y.astype(int)], onehot[logits.argmax(1)], task.labels)
 
     class ResourceLog(TrainerCallback):
-        """Adds time-in-function and peak device memory to what Ray is told at each save."""
+        """Adds time-in-function, peak device memory and the step this process started from (0, or
+        the step of the checkpoint it resumed) to what Ray is told at each save."""
+
+        start_step = 0
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.start_step = state.global_step  # HF has restored the checkpoint's state by now
 
         def on_save(self, args, state, control, **kw):
-            extra = {"train_fn_seconds": time.time() - started, "resumed_from_checkpoint": resumed}
+            extra = {"train_fn_seconds": time.time() - started, "resumed_from_step": self.start_step}
             if use_cuda:
                 extra["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1024**3
             state.log_history.append(extra)
@@ -202,7 +208,13 @@ def train_fold_worker(config: dict) -> None:
             callbacks=[EarlyStoppingCallback(spec.early_stopping_patience), ResourceLog(), RayTrainReportCallback()]))
 
     checkpoint = ray.train.get_checkpoint()
-    resumed = checkpoint is not None
+    if checkpoint:
+        # Tell whoever listens now the epochs the run already has (a Tune trial restarted with a
+        # killed search hears only from here on; a run restored after its last epoch reports nothing new).
+        with checkpoint.as_directory() as ckpt_dir:
+            for entry in read_history(ckpt_dir):
+                if METRIC in entry:
+                    ray.train.report(entry)
 
     def fit(spec: BackboneSpec, model):
         trainer = build_trainer(spec, model)
