@@ -13,7 +13,7 @@ import socket
 import ray
 
 DEFAULT_DASHBOARD_PORT = 8265
-_api_server: str | None = None  # the dashboard of the instance connect() started, if it did
+_api_server: str | None = None  # dashboard of the instance connect() started ("" if started without one)
 
 
 def _dashboard_port(preferred: int = DEFAULT_DASHBOARD_PORT) -> int:
@@ -41,11 +41,12 @@ def connect(local: bool = False, *, num_cpus: int | None = None, dashboard: bool
         env["HF_HUB_OFFLINE"] = os.environ["HF_HUB_OFFLINE"]
     if local:
         port = dashboard_port or _dashboard_port()
+        _api_server = f"http://127.0.0.1:{port}" if dashboard else ""
         if dashboard:
             # Inside workers Ray's state API finds "the" cluster through /tmp/ray/ray_current_cluster,
             # i.e. the instance started last on this machine; with several, Train's placement-group
             # cleaner would ask the wrong one. Point this instance's workers at their own dashboard.
-            _api_server = env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+            env["RAY_API_SERVER_ADDRESS"] = _api_server
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
                  dashboard_port=port, runtime_env={"env_vars": env}, log_to_driver=True)
     else:
@@ -58,6 +59,8 @@ def state_api_problem() -> str | None:
     run's controller is still alive; without it they stay held and later trials wait for ever."""
     from ray.util.state import list_actors
 
+    if _api_server == "":
+        return "this Ray instance was started without its dashboard"
     try:
         list_actors(address=_api_server, limit=1, timeout=10, raise_on_missing_output=False)
     except Exception as e:  # noqa: BLE001 - any failure means the same thing here

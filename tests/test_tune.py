@@ -121,6 +121,15 @@ def test_a_killed_search_resumes_without_rerunning_finished_trials(tmp_path, tin
     assert parse_experiment(raw, tmp_path).backbones[0].lora_r == 4
 
 
+def test_tune_refuses_a_ray_instance_without_the_state_api():
+    """Ray Train frees a stopped trial's resources only through the state API: without it a search
+    would hang once stopped trials hold the cluster, so it must not start."""
+    code = ("from nikl_ray.cluster import connect, state_api_problem; connect(local=True, num_cpus=1, dashboard=False); "
+            "print('PROBLEM', state_api_problem())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
+    assert "PROBLEM this Ray instance was started without its dashboard" in out.stdout, out.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_asha_stops_a_trial_that_trails_at_a_rung(tmp_path, tiny_backbones, ray_local):
     """A schedule built to show pruning: trials one at a time (so the order they reach each rung is
