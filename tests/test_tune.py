@@ -80,7 +80,7 @@ def test_a_killed_search_resumes_without_rerunning_finished_trials(tmp_path, tin
     config = _experiment_file(tmp_path, tiny_backbones)
     search = tmp_path / "res" / "tune" / "neox" / "search"
     cmd = [sys.executable, "-m", "nikl_ray.cli", "tune", "--config", str(config), "--local", "--num-cpus", "2",
-           "--num-samples", "4", "--seed", "3"]
+           "--num-samples", "3", "--seed", "3"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 400
@@ -98,15 +98,15 @@ def test_a_killed_search_resumes_without_rerunning_finished_trials(tmp_path, tin
     rows, _ = load_inputs(exp)
     folds = split_stage(exp, rows)
     with pytest.raises(ConfigError, match="--resume"):
-        tune_stage(exp, rows, folds, "neox", num_samples=4)  # never silently starts over
+        tune_stage(exp, rows, folds, "neox", num_samples=3)  # never silently starts over
     best_path = tune_stage(exp, rows, folds, "neox", resume=True)
 
     dirs = _trial_dirs(search)
-    assert len(dirs) == 4
+    assert len(dirs) == 3
     for name, before in finished.items():  # finished trials were not run again
         assert (search / name / "result.json").read_text() == before
     board = list(csv_rows(best_path.parent / "leaderboard.csv"))
-    assert len(board) == 4 and {"lora_r", "lr", "best_micro_f1", "epochs_run", "stopped_early"} <= set(board[0])
+    assert len(board) == 3 and {"lora_r", "lr", "best_micro_f1", "epochs_run", "stopped_early"} <= set(board[0])
     # a trial cut off by the kill is rerun; its Train run resumes from its checkpoints and reports every epoch
     assert all(b["best_micro_f1"] != "nan" and int(b["epochs_run"]) >= 1 and not b["stopped_early"].startswith("error")
                for b in board), board
