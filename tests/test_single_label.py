@@ -1,5 +1,6 @@
 """The neighbouring task end to end: NSMC-style single-label sentiment (tsv), real reviews."""
 
+import json
 from itertools import islice
 
 import pytest
@@ -18,10 +19,11 @@ def _head(src, dst, n):
 
 @pytest.mark.slow
 def test_sentence_sentiment_pipeline_writes_a_tsv_submission(tmp_path, tiny_backbones, ray_local):
+    from nikl_ray.artifacts import load_manifest
     from nikl_ray.config import parse_experiment
     from nikl_ray.data import read_rows
     from nikl_ray.pipeline import run_pipeline
-    from nikl_ray.train import read_history
+    from nikl_ray.train import pair_dir, read_history
 
     train = _head(NSMC_DIR / "ratings_train.txt", tmp_path / "train.txt", 600)
     test = _head(NSMC_DIR / "ratings_test.txt", tmp_path / "test.txt", 80)
@@ -35,9 +37,6 @@ def test_sentence_sentiment_pipeline_writes_a_tsv_submission(tmp_path, tiny_back
     out = run_pipeline(exp)
 
     # Cross-entropy over the two classes: the held-out metrics the worker logged are single-label ones.
-    from nikl_ray.artifacts import load_manifest
-    from nikl_ray.train import pair_dir
-
     m = load_manifest(pair_dir(exp, "neox", 0))
     evals = [h for h in read_history((pair_dir(exp, "neox", 0) / m["best_checkpoint"]).parent) if "eval_micro_f1" in h]
     assert evals and {"eval_f1_negative", "eval_f1_positive"} <= set(evals[0])
@@ -50,8 +49,6 @@ def test_sentence_sentiment_pipeline_writes_a_tsv_submission(tmp_path, tiny_back
     given = read_rows(test, exp.task)
     assert written.ids == given.ids and written.texts == given.texts
     assert {line.rsplit("\t", 1)[1] for line in lines[1:]} <= {"0", "1"}
-
-    import json
 
     report = json.loads(out["report"].with_suffix(".json").read_text())
     assert set(report["members"]) == {"electra", "neox", "tfidf-lr"}
