@@ -12,11 +12,10 @@ import socket
 
 import ray
 
-DEFAULT_DASHBOARD_PORT = 8265
 _api_server: str | None = None  # dashboard of the instance connect() started ("" if started without one)
 
 
-def _dashboard_port(preferred: int = DEFAULT_DASHBOARD_PORT) -> int:
+def _dashboard_port(preferred: int = 8265) -> int:
     """Ray's usual port when it is free, else any free one (another Ray instance on this machine)."""
     for port in (preferred, 0):
         with socket.socket() as s:
@@ -28,8 +27,7 @@ def _dashboard_port(preferred: int = DEFAULT_DASHBOARD_PORT) -> int:
     raise OSError("no free port for the Ray dashboard")
 
 
-def connect(local: bool = False, *, num_cpus: int | None = None, dashboard: bool = True,
-            dashboard_port: int | None = None) -> None:
+def connect(local: bool = False, *, num_cpus: int | None = None, dashboard: bool = True) -> None:
     global _api_server
     if ray.is_initialized():
         return
@@ -40,15 +38,16 @@ def connect(local: bool = False, *, num_cpus: int | None = None, dashboard: bool
     if "HF_HUB_OFFLINE" in os.environ:
         env["HF_HUB_OFFLINE"] = os.environ["HF_HUB_OFFLINE"]
     if local:
-        port = dashboard_port or _dashboard_port()
-        _api_server = f"http://127.0.0.1:{port}" if dashboard else ""
+        ports = {}
+        _api_server = ""
         if dashboard:
+            ports["dashboard_port"] = _dashboard_port()
             # Inside workers Ray's state API finds "the" cluster through /tmp/ray/ray_current_cluster,
             # i.e. the instance started last on this machine; with several, Train's placement-group
             # cleaner would ask the wrong one. Point this instance's workers at their own dashboard.
-            env["RAY_API_SERVER_ADDRESS"] = _api_server
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-                 dashboard_port=port, runtime_env={"env_vars": env}, log_to_driver=True)
+            _api_server = env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{ports['dashboard_port']}"
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1", **ports,
+                 runtime_env={"env_vars": env}, log_to_driver=True)
     else:
         ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), runtime_env={"env_vars": env})
 

@@ -107,7 +107,7 @@ def test_a_killed_search_resumes_without_rerunning_finished_trials(tmp_path, tin
         assert (search / name / "result.json").read_text() == before
     board = list(csv_rows(best_path.parent / "leaderboard.csv"))
     assert len(board) == 3 and {"lora_r", "lr", "best_micro_f1", "epochs_run", "stopped_early"} <= set(board[0])
-    # a trial cut off by the kill is rerun; its Train run resumes from its checkpoints and reports every epoch
+    # a trial cut off by the kill is rerun and reports its epochs (a resumed Train run replays the earlier ones)
     assert all(b["best_micro_f1"] != "nan" and int(b["epochs_run"]) >= 1 and not b["stopped_early"].startswith("error")
                for b in board), board
     assert (best_path.parent / "optuna.db").exists()
@@ -121,9 +121,9 @@ def test_a_killed_search_resumes_without_rerunning_finished_trials(tmp_path, tin
     assert parse_experiment(raw, tmp_path).backbones[0].lora_r == 4
 
 
-def test_tune_refuses_a_ray_instance_without_the_state_api():
+def test_a_ray_instance_without_its_dashboard_reports_no_state_api():
     """Ray Train frees a stopped trial's resources only through the state API: without it a search
-    would hang once stopped trials hold the cluster, so it must not start."""
+    would hang once stopped trials hold the cluster, so tune_stage refuses to start on this report."""
     code = ("from nikl_ray.cluster import connect, state_api_problem; connect(local=True, num_cpus=1, dashboard=False); "
             "print('PROBLEM', state_api_problem())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
@@ -146,7 +146,7 @@ def test_asha_stops_a_trial_that_trails_at_a_rung(tmp_path, tiny_backbones, ray_
     stopped = [b for b in board if b["stopped_early"] == "asha"]
     assert stopped, board
     assert all(int(b["epochs_run"]) == 1 for b in stopped), board  # at the first rung
-    assert any(b["stopped_early"] == "" and int(b["epochs_run"]) == 2 for b in board), board  # not everything stopped  # not everything stopped
+    assert any(b["stopped_early"] == "" and int(b["epochs_run"]) == 2 for b in board), board  # not everything stopped
 
 
 def csv_rows(path):
