@@ -52,6 +52,11 @@ def connect(local: bool = False, *, num_cpus: int | None = None, dashboard: bool
         ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), runtime_env={"env_vars": env})
 
 
+def api_server() -> str | None:
+    """The dashboard (state API) address of the instance connect() started; None when it joined a cluster."""
+    return _api_server or None
+
+
 def state_api_problem() -> str | None:
     """Why Ray's state API cannot be reached, or None. Ray Train frees the resources of a run whose
     Tune trial was stopped early only by asking the state API (served by the dashboard) whether the

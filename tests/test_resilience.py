@@ -121,7 +121,9 @@ def _resumed(history: list[dict]) -> bool:
 @pytest.mark.slow
 def test_a_worker_killed_mid_run_is_retried_and_the_run_completes(tmp_path, tiny_backbones, ray_local):
     import psutil
+    from ray.util.state import list_actors
 
+    from nikl_ray.cluster import api_server
     from nikl_ray.config import load_experiment
     from nikl_ray.folds import split_stage
     from nikl_ray.pipeline import load_inputs
@@ -136,10 +138,11 @@ def test_a_worker_killed_mid_run_is_retried_and_the_run_completes(tmp_path, tiny
     deadline = time.time() + 300
     while time.time() < deadline and not _registered_checkpoint(pair_dir(exp, "neox", 0)):
         time.sleep(0.2)
-    killed = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
-    assert killed, "no Ray Train worker process found"
-    for p in killed:
-        p.kill()
+    # this Ray instance's Train workers only (other tests may run their own Ray beside it)
+    workers = list_actors(address=api_server(), filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    assert workers, "no Ray Train worker found"
+    for w in workers:
+        psutil.Process(w.pid).kill()
     thread.join(600)
     assert "summary" in outcome
     m = load_manifest(pair_dir(exp, "neox", 0))

@@ -31,8 +31,8 @@ def test_sentence_sentiment_pipeline_writes_a_tsv_submission(tmp_path, tiny_back
         "task": "sentence-sentiment", "train": str(train), "test": str(test), "results": str(tmp_path / "res"),
         "folds": {"k": 2, "seed": 0},
         "defaults": {"epochs": 2, "batch_size": 32, "max_length": 48, "lr": 5e-3},
-        "backbones": [{"name": "electra", "checkpoint": str(tiny_backbones["electra"]), "mode": "full", "lr": 1e-3},
-                      {"name": "neox", "checkpoint": str(tiny_backbones["gpt_neox"]), "mode": "lora"}],
+        # one neural member (cross-entropy through the same Trainer path for every family) + TF-IDF
+        "backbones": [{"name": "neox", "checkpoint": str(tiny_backbones["gpt_neox"]), "mode": "lora"}],
         "ensemble": {"hidden_sizes": [16, 32], "inner_folds": 2, "epochs": 60, "patience": 10}}, tmp_path)
     out = run_pipeline(exp)
 
@@ -51,6 +51,6 @@ def test_sentence_sentiment_pipeline_writes_a_tsv_submission(tmp_path, tiny_back
     assert {line.rsplit("\t", 1)[1] for line in lines[1:]} <= {"0", "1"}
 
     report = json.loads(out["report"].with_suffix(".json").read_text())
-    assert set(report["members"]) == {"electra", "neox", "tfidf-lr"}
+    assert set(report["members"]) == {"neox", "tfidf-lr"}
     # exactly one class per row, so micro-F1 is accuracy; on balanced reviews chance is ~0.5
     assert report["stack_oof_scores"]["micro_f1"] > 0.6, report["table"]

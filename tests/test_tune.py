@@ -77,7 +77,7 @@ def test_a_killed_search_resumes_without_rerunning_finished_trials(tmp_path, tin
     from nikl_ray.pipeline import load_inputs
     from nikl_ray.tune import tune_stage
 
-    config = _experiment_file(tmp_path, tiny_backbones)
+    config = _experiment_file(tmp_path, tiny_backbones, epochs=2)
     search = tmp_path / "res" / "tune" / "neox" / "search"
     cmd = [sys.executable, "-m", "nikl_ray.cli", "tune", "--config", str(config), "--local", "--num-cpus", "2",
            "--num-samples", "3", "--seed", "3"]
@@ -140,7 +140,7 @@ def test_asha_stops_a_trial_that_trails_at_a_rung(tmp_path, tiny_backbones, ray_
 
     exp = load_experiment(_experiment_file(tmp_path, tiny_backbones, epochs=2))
     rows, _ = load_inputs(exp)
-    best_path = tune_stage(exp, rows, split_stage(exp, rows), "neox", num_samples=3, prune_metric="eval_loss",
+    best_path = tune_stage(exp, rows, split_stage(exp, rows), "neox", num_samples=4, prune_metric="eval_loss",
                            grace_period=1, seed=3, max_concurrent=1)
     board = list(csv_rows(best_path.parent / "leaderboard.csv"))
     stopped = [b for b in board if b["stopped_early"] == "asha"]
