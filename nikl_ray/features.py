@@ -64,8 +64,9 @@ def pool(hidden, attention_mask, family: str):
 
 
 def embed(spec: BackboneSpec, tokenizer, model, texts: list[str], targets: list, multi_label: bool,
-          batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """(pooled hidden states, probabilities) of rows, in their given order; batches sorted by length."""
+          batch_size: int = 64, progress: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(pooled hidden states, probabilities) of rows, in their given order; batches sorted by length.
+    With `progress`, a line prefixed by it every tenth of the rows."""
     import torch
     from transformers import DataCollatorWithPadding
 
@@ -74,8 +75,12 @@ def embed(spec: BackboneSpec, tokenizer, model, texts: list[str], targets: list,
     collate = DataCollatorWithPadding(tokenizer)
     device = next(model.parameters()).device
     hidden_out, prob_out = [None] * len(texts), [None] * len(texts)
+    every = max(batch_size, len(order) // 10)
+    t0 = time.time()
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
+            if progress and start and start % every < batch_size:
+                print(f"{progress}: {start}/{len(order)} rows, {time.time() - t0:.0f} s", flush=True)
             idx = order[start:start + batch_size]
             batch = collate([{k: enc[k][i] for k in enc} for i in idx]).to(device)
             out = model(**batch, output_hidden_states=True)
@@ -102,9 +107,11 @@ def _neural_features(job: dict) -> dict:
         if job[part] is None:
             continue
         t0 = time.time()
-        hidden, probs = embed(spec, tokenizer, model, job[part]["texts"], job[part]["targets"], job["multi_label"])
+        label = f"features {spec.name} fold {job['fold']} {part}"
+        hidden, probs = embed(spec, tokenizer, model, job[part]["texts"], job[part]["targets"], job["multi_label"],
+                              progress=label)
         out[part] = {"ids": job[part]["ids"], "hidden": hidden, "probs": probs}
-        print(f"features {spec.name} fold {job['fold']} {part}: {len(hidden)} rows in {time.time() - t0:.1f} s", flush=True)
+        print(f"{label}: {len(hidden)} rows in {time.time() - t0:.1f} s", flush=True)
     return out
 
 
