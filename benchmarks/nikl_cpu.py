@@ -8,7 +8,7 @@ backbones of two families (an ELECTRA encoder and a GPT-NeoX decoder, polyglot-k
 plus the TF-IDF member, then the stacked ensemble. Writes `benchmark.json` / `benchmark.md`
 beside the results: out-of-fold micro-F1 of every member, of probability averaging, of voting
 and of the stack; time per stage; Ray's own overhead per Train run (its wall time minus the
-time inside the training function); and the share of the cluster's CPU-seconds spent inside
+time inside the training function, counted up to its last evaluation); and the share of the cluster's CPU-seconds spent inside
 training functions. All numbers come from this one run.
 """
 

@@ -66,7 +66,7 @@ def pool(hidden, attention_mask, family: str):
 def embed(spec: BackboneSpec, tokenizer, model, texts: list[str], targets: list, multi_label: bool,
           batch_size: int = 64, progress: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(pooled hidden states, probabilities) of rows, in their given order; batches sorted by length.
-    With `progress`, a line prefixed by it every tenth of the rows."""
+    With `progress`, a line prefixed by it every tenth of the rows (when there are ten batches or more)."""
     import torch
     from transformers import DataCollatorWithPadding
 
@@ -75,11 +75,11 @@ def embed(spec: BackboneSpec, tokenizer, model, texts: list[str], targets: list,
     collate = DataCollatorWithPadding(tokenizer)
     device = next(model.parameters()).device
     hidden_out, prob_out = [None] * len(texts), [None] * len(texts)
-    every = max(batch_size, len(order) // 10)
+    every = len(order) // 10  # rows between progress lines (none for fewer than ten batches)
     t0 = time.time()
     with torch.no_grad():
         for start in range(0, len(order), batch_size):
-            if progress and start and start % every < batch_size:
+            if progress and every >= batch_size and start and start % every < batch_size:
                 print(f"{progress}: {start}/{len(order)} rows, {time.time() - t0:.0f} s", flush=True)
             idx = order[start:start + batch_size]
             batch = collate([{k: enc[k][i] for k in enc} for i in idx]).to(device)

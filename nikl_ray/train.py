@@ -173,14 +173,15 @@ def train_fold_worker(config: dict) -> None:
 
     class ResourceLog(TrainerCallback):
         """Adds time-in-function, peak device memory and the step this process started from (0, or
-        the step of the checkpoint it resumed) to what Ray is told at each save."""
+        the step of the checkpoint it resumed) to the log after each evaluation: before the epoch's
+        checkpoint is written (on_save would come after), so each checkpoint holds its own entry."""
 
         start_step = 0
 
         def on_train_begin(self, args, state, control, **kw):
             self.start_step = state.global_step  # HF has restored the checkpoint's state by now
 
-        def on_save(self, args, state, control, **kw):
+        def on_evaluate(self, args, state, control, **kw):
             extra = {"train_fn_seconds": time.time() - started, "resumed_from_step": self.start_step}
             if use_cuda:
                 extra["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1024**3

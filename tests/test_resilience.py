@@ -110,9 +110,8 @@ def _registered_checkpoint(run_dir: Path) -> bool:
 
 
 def _resumed(history: list[dict]) -> bool:
-    """True when the process that wrote the run's last epochs started from a checkpoint (each save
-    logs the step its process started from; HF appends it after writing that save, so it shows up
-    in the next checkpoint's history) and every epoch was evaluated exactly once."""
+    """True when the process that wrote the run's last epochs started from a checkpoint (each
+    evaluation logs the step its process started from) and every epoch was evaluated exactly once."""
     epochs = [h["epoch"] for h in history if "eval_micro_f1" in h]
     starts = [h["resumed_from_step"] for h in history if "resumed_from_step" in h]
     return epochs == sorted(set(epochs)) and any(s > 0 for s in starts)
