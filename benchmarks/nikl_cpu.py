@@ -8,8 +8,8 @@ backbones of two families (an ELECTRA encoder and a GPT-NeoX decoder, polyglot-k
 plus the TF-IDF member, then the stacked ensemble. Writes `benchmark.json` / `benchmark.md`
 beside the results: out-of-fold micro-F1 of every member, of probability averaging, of voting
 and of the stack; time per stage; Ray's own overhead per Train run (its wall time minus the
-time inside the training function, counted up to its last evaluation); and the share of the cluster's CPU-seconds spent inside
-training functions. All numbers come from this one run.
+time inside the training function, counted up to its last evaluation); and the share of the
+cluster's CPU-seconds spent inside training functions. All numbers come from this one run.
 """
 
 from __future__ import annotations
