@@ -5,7 +5,7 @@ import csv
 import pytest
 
 from nikl_ray.artifacts import load_manifest
-from nikl_ray.train import pair_dir, train_stage
+from nikl_ray.train import METRIC, pair_dir, read_history, train_stage
 
 pytestmark = pytest.mark.slow
 
@@ -23,6 +23,10 @@ def test_every_backbone_and_fold_trains_and_reports_held_out_metrics(trained):
             weights = "adapter_model.safetensors" if spec.uses_lora else "model.safetensors"
             assert (best / weights).exists()  # LoRA modes keep adapters only
             assert not (best / "model.safetensors").exists() or not spec.uses_lora
+            # every evaluation logged its clock before its checkpoint was written, so the time in
+            # the training function a manifest reports is that of its own last epoch
+            history = read_history(best.parent)
+            assert len([h for h in history if "train_fn_seconds" in h]) == len([h for h in history if METRIC in h])
 
 
 def test_training_loss_goes_down_on_a_learnable_task(trained):
