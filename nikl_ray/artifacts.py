@@ -45,6 +45,15 @@ def write_json(path: str | Path, obj: Any) -> Path:
     return write_text(path, json.dumps(obj, ensure_ascii=False, indent=2, sort_keys=True) + "\n")
 
 
+def save_npy(path: str | Path, array) -> Path:
+    """A float32 `.npy` (read back with allow_pickle=False)."""
+    import numpy as np
+
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, np.asarray(array, dtype=np.float32), allow_pickle=False)
+    return Path(path)
+
+
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
@@ -61,10 +70,21 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def code_version() -> str:
-    from nikl_ray import __version__
+_CODE_VERSION: str | None = None
 
-    return __version__
+
+def code_version() -> str:
+    """The package version + a hash of its source files: a changed stage is never skipped silently."""
+    global _CODE_VERSION
+    if _CODE_VERSION is None:
+        from nikl_ray import __version__
+
+        package = Path(__file__).resolve().parent
+        h = hashlib.sha256()
+        for f in sorted(package.rglob("*.py")):
+            h.update(f.relative_to(package).as_posix().encode() + b"\0" + f.read_bytes())
+        _CODE_VERSION = f"{__version__}+{h.hexdigest()[:12]}"
+    return _CODE_VERSION
 
 
 def write_manifest(stage_dir: str | Path, *, inputs: dict, files: list[str | Path], extra: dict | None = None) -> Path:
@@ -91,6 +111,8 @@ def manifest_problem(stage_dir: str | Path, inputs: dict) -> str | None:
         return f"manifest unreadable ({e})"
     if manifest.get("inputs_hash") != sha256_json(inputs):
         return "inputs or config changed"
+    if manifest.get("code_version") != code_version():
+        return f"nikl-ray's code changed (made by {manifest.get('code_version')}, now {code_version()})"
     for rel, digest in manifest.get("files", {}).items():
         f = stage_dir / rel
         if not f.exists():

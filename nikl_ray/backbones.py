@@ -14,7 +14,6 @@ the LoRA modes; the full model for `full`. Weights are read and written as safet
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Literal
 
@@ -49,12 +48,16 @@ class BackboneSpec(BaseModel):
                           "read from the checkpoint's model_type when left out.")
     mode: Literal["full", "lora", "qlora", "gptq"] = Field("full", description="Tuning mode.")
     lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
-    lora_alpha: int = Field(32, ge=1, description="LoRA alpha (scale = alpha / r).")
+    lora_alpha: int | None = Field(None, ge=1, description="LoRA alpha (scale = alpha / r); default lora_alpha_ratio × rank, "
+                                                           "so the scale stays put while a search varies the rank.")
+    lora_alpha_ratio: float = Field(2.0, gt=0, description="alpha = ratio × rank when lora_alpha is not given.")
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
     lora_targets: list[str] | None = Field(None, description="Modules to adapt; per-architecture default when left out.")
-    target_encoding: Literal["markers", "pair", "none"] = Field(
-        "markers", description="markers: `{text}<t1>{target}<t2>` with added special tokens (embeddings resized); "
-                               "pair: text and target as a sentence pair; none: text only.")
+    target_encoding: Literal["inline", "markers", "pair", "none"] = Field(
+        "markers", description="inline: `<t1>` `<t2>` around the target at its own position in the text; "
+                               "markers: `{text}<t1>{target}<t2>` (which occurrence is meant is lost); "
+                               "pair: text and target as a sentence pair; none: text only. "
+                               "The marker tokens are added as special tokens (embeddings resized).")
     max_length: int = Field(128, ge=8, le=8192, description="Tokens per row after truncation.")
     batch_size: int = Field(16, ge=1, description="Per-device training batch size.")
     grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
@@ -64,7 +67,7 @@ class BackboneSpec(BaseModel):
     epochs: int = Field(3, ge=1, le=100)
     early_stopping_patience: int = Field(2, ge=1, description="Epochs without held-out micro-F1 gain before stopping.")
     loss: Literal["auto", "bce", "asl", "ce"] = Field("auto", description="auto: BCE for multi-label, CE for single-label; "
-                                                                         "asl: asymmetric loss (multi-label).")
+                                                                         "bce or asl (asymmetric loss): multi-label only; ce: single-label only.")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="auto: bf16 on GPUs that have it, else fp16; fp32 on CPU.")
     gradient_checkpointing: bool | None = Field(None, description="Default: on for decoders on GPU.")
     seed: int = 42
@@ -100,6 +103,15 @@ class BackboneSpec(BaseModel):
     def uses_lora(self) -> bool:
         return self.mode != "full"
 
+    @property
+    def alpha(self) -> float:
+        """The LoRA alpha in effect."""
+        return float(self.lora_alpha) if self.lora_alpha is not None else self.lora_alpha_ratio * self.lora_r
+
+    @property
+    def uses_markers(self) -> bool:
+        return self.target_encoding in ("inline", "markers")
+
     def resolved_lora_targets(self) -> list[str]:
         if self.lora_targets:
             return self.lora_targets
@@ -123,30 +135,23 @@ def load_tokenizer(spec: BackboneSpec):
     tok = AutoTokenizer.from_pretrained(spec.checkpoint, trust_remote_code=spec.trust_remote_code)
     if tok.pad_token is None:  # many decoder checkpoints ship without one
         tok.pad_token = tok.eos_token
-    if spec.target_encoding == "markers" and MARKERS[0] not in tok.get_vocab():
+    if spec.uses_markers and MARKERS[0] not in tok.get_vocab():
         tok.add_special_tokens({"additional_special_tokens": list(MARKERS)})
     return tok
 
 
-def _precision(spec: BackboneSpec):
-    import torch
-
-    if not torch.cuda.is_available():
-        return torch.float32
-    if spec.precision == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[spec.precision]
-
-
-def load_for_classification(spec: BackboneSpec, num_labels: int, problem_type: str, tokenizer, *, adapter_dir: str | None = None):
-    """The model to train (or, with `adapter_dir`, a trained LoRA model to run) for `spec`'s mode."""
+def load_for_classification(spec: BackboneSpec, num_labels: int, multi_label: bool, tokenizer, *, precision: str = "fp32",
+                            gradient_checkpointing: bool = False, adapter_dir: str | None = None):
+    """The model to train (or, with `adapter_dir`, a trained LoRA model to run) for `spec`'s mode.
+    `precision` and `gradient_checkpointing` come resolved (see runspec.resolve_precision)."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
     quiet_transformers()
+    problem_type = "multi_label_classification" if multi_label else "single_label_classification"
     kwargs = dict(num_labels=num_labels, problem_type=problem_type, trust_remote_code=spec.trust_remote_code,
                   pad_token_id=tokenizer.pad_token_id)
-    dtype = _precision(spec)
+    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
     if spec.mode == "qlora":
         from transformers import BitsAndBytesConfig
 
@@ -169,23 +174,30 @@ def load_for_classification(spec: BackboneSpec, num_labels: int, problem_type: s
     from peft import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
 
     if spec.mode in ("qlora", "gptq"):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=_grad_ckpt(spec))
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     if adapter_dir is not None:
         return PeftModel.from_pretrained(model, adapter_dir)
-    marker_ids = [tokenizer.convert_tokens_to_ids(m) for m in MARKERS] if spec.target_encoding == "markers" else None
-    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=spec.lora_r, lora_alpha=spec.lora_alpha,
+    marker_ids = [tokenizer.convert_tokens_to_ids(m) for m in MARKERS] if spec.uses_markers else None
+    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=spec.lora_r, lora_alpha=spec.alpha,
                         lora_dropout=spec.lora_dropout, target_modules=spec.resolved_lora_targets(),
                         # the marker tokens' embedding rows are new: train (and save) just those rows
                         trainable_token_indices=marker_ids)
     return get_peft_model(model, config)
 
 
-def _grad_ckpt(spec: BackboneSpec) -> bool:
-    import torch
+def load_trained(spec: BackboneSpec, checkpoint_dir: str | Path, num_labels: int, multi_label: bool, *,
+                 precision: str = "fp32"):
+    """(tokenizer, model in eval mode) of a trained fold checkpoint: the full model, or base + LoRA adapter."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    if spec.gradient_checkpointing is not None:
-        return spec.gradient_checkpointing
-    return torch.cuda.is_available() and spec.family == "decoder"
+    quiet_transformers()
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)  # saved with its marker tokens
+    if spec.uses_lora:
+        model = load_for_classification(spec, num_labels, multi_label, tokenizer, precision=precision,
+                                        adapter_dir=str(checkpoint_dir))
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(checkpoint_dir)
+    return tokenizer, model.eval()
 
 
 def count_params(spec: BackboneSpec) -> float:
@@ -199,7 +211,3 @@ def count_params(spec: BackboneSpec) -> float:
     with torch.device("meta"):
         model = AutoModel.from_config(config, trust_remote_code=spec.trust_remote_code)
     return float(sum(p.numel() for p in model.parameters()))
-
-
-def safe_name(s: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", s)

@@ -1,8 +1,9 @@
 """`nikl-ray`: one command per stage, the same functions the ray jobs call.
 
     nikl-ray demo                                          # everything, on the shipped demo data
-    nikl-ray pipeline --config my.yaml --local             # split → tune → train → features → ensemble → submit
+    nikl-ray pipeline --config my.yaml --local             # split → (tune) → train → features → ensemble → submit
     nikl-ray train --config my.yaml --local                # one stage
+    nikl-ray status --config my.yaml                       # where a run stands (from another shell too)
     ray job submit --runtime-env ray_jobs/runtime_env.yaml -- python ray_jobs/pipeline.py --config my.yaml  # cluster
 
 `--local` starts a Ray instance on this machine; without it we join the running cluster.
@@ -11,10 +12,31 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
 EXAMPLE = Path(__file__).parent / "examples" / "tiny.yaml"
+log = logging.getLogger("nikl_ray")
+
+
+class _Format(logging.Formatter):
+    """`HH:MM:SS message`; warnings and errors say so."""
+
+    def format(self, record):
+        prefix = f"{record.levelname}: " if record.levelno >= logging.WARNING else ""
+        return f"{self.formatTime(record, '%H:%M:%S')} {prefix}{record.getMessage()}" + (
+            "\n" + self.formatException(record.exc_info) if record.exc_info else "")
+
+
+def setup_logging(verbosity: int) -> None:
+    level = {-1: logging.WARNING, 0: logging.INFO}.get(verbosity, logging.DEBUG)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Format())
+    root = logging.getLogger("nikl_ray")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
 
 
 def _experiment(args):
@@ -24,49 +46,82 @@ def _experiment(args):
     return load_experiment(args.config, overrides)
 
 
-def _connect(args) -> None:
-    from nikl_ray.cluster import connect
+def _connect(args, exp) -> None:
+    from nikl_ray.cluster import check_shared_storage, connect, dashboard_url
+    from nikl_ray.status import record_dashboard
 
     connect(local=args.local, num_cpus=getattr(args, "num_cpus", None))
+    check_shared_storage(exp.results)
+    record_dashboard(exp.layout, dashboard_url())
+
+
+def _prepared(args, *, tuned: bool = True):
+    """What every stage command starts from: the experiment (tiny backbones built, tuned values
+    applied unless `tuned` is False), its validated rows with their folds, and Ray."""
+    from nikl_ray.config import apply_tuned, build_tiny
+    from nikl_ray.inputs import load_inputs
+    from nikl_ray.stages import split
+
+    exp = _experiment(args)
+    data = load_inputs(exp)
+    split.run(exp, data.rows)
+    _connect(args, exp)
+    exp = build_tiny(exp)
+    return (apply_tuned(exp) if tuned else exp), data
 
 
 def cmd_validate(args) -> int:
-    from nikl_ray.pipeline import load_inputs
+    """Check the experiment and its data; write nothing."""
+    from nikl_ray.inputs import load_inputs
 
     exp = _experiment(args)
-    rows, test = load_inputs(exp)
-    print(f"ok: {len(rows)} labelled rows, {len(test) if test else 0} test rows, "
+    data = load_inputs(exp)
+    print(f"ok: {len(data.rows)} labelled rows, {len(data.test) if data.test else 0} test rows, "
           f"{len(exp.backbones)} backbone(s): {', '.join(b.name for b in exp.backbones)}")
     return 0
 
 
-def _prepared(args, *, ray: bool = True):
-    """What every stage command starts from: the experiment, validated rows, folds, and Ray."""
-    from nikl_ray.folds import split_stage
-    from nikl_ray.pipeline import load_inputs
+def cmd_split(args) -> int:
+    from nikl_ray.inputs import load_inputs
+    from nikl_ray.stages import split
 
     exp = _experiment(args)
-    rows, test = load_inputs(exp)
-    folds = split_stage(exp, rows)
-    if ray:
-        _connect(args)
-    return exp, rows, test, folds
-
-
-def cmd_split(args) -> int:
-    _prepared(args, ray=False)
+    folds = split.run(exp, load_inputs(exp).rows)
+    print(f"folds: {exp.layout.folds} ({folds['k']} folds)")
     return 0
 
 
 def cmd_plan(args) -> int:
-    """The placement plan for a cluster of this shape, without starting Ray."""
-    from nikl_ray.placement import format_plan
-    from nikl_ray.train import plan_placements
+    """The placement plan for this machine, or for `--gpus N` cards, without starting Ray."""
+    from nikl_ray.config import build_tiny
+    from nikl_ray.placement import Card, ClusterShape, format_plan, plan
+    from nikl_ray.runspec import Device
+    from nikl_ray.search_space import load_search_space, memory_corner
 
-    exp = _experiment(args)
-    use_gpu = args.gpus > 0
-    plans = plan_placements(exp, use_gpu)
-    print(format_plan(list(plans.values()), card_gb=exp.resources.card_gb, total_cpus=args.cpus, total_gpus=args.gpus))
+    exp = build_tiny(_experiment(args))
+    cpus = args.cpus or float(__import__("os").cpu_count())
+    if args.gpus is None:
+        import torch
+
+        n = torch.cuda.device_count()
+        cards = [Card("local", torch.cuda.get_device_name(i), torch.cuda.get_device_properties(i).total_memory / 1024**3,
+                      True, torch.cuda.get_device_properties(i).major >= 8) for i in range(n)]
+        shape = ClusterShape(cpus, float(n), tuple(cards))
+    else:  # planning for cards this machine does not have: their size is the budget
+        budget = args.card_gb or exp.resources.card_gb
+        shape = ClusterShape(cpus, args.gpus, tuple(Card("planned", "planned card", budget, True, True)
+                                                   for _ in range(int(args.gpus))))
+    resources = exp.resources.model_copy(update={"card_gb": args.card_gb or exp.resources.card_gb})
+    device = Device.resolve(exp.resources.use_gpu, shape.gpus, list(shape.cards))
+    specs = list(exp.backbones)
+    for spec in exp.backbones:  # a search is planned at the most memory-hungry corner of its space
+        if spec.name in exp.search_spaces:
+            corner = memory_corner(spec, load_search_space(exp.search_spaces[spec.name], spec))
+            specs.append(corner.model_copy(update={"name": f"{spec.name} (search)"}))
+    placements = plan(specs, resources, shape, device)
+    print(format_plan(list(placements.values()), budget_gb=shape.budget_gb(resources.card_gb),
+                      physical_gb=shape.physical_gb if args.gpus is None else None, total_cpus=cpus,
+                      total_gpus=shape.gpus if device.schedule_gpu else 0))
     return 0
 
 
@@ -82,37 +137,39 @@ def cmd_make_backbones(args) -> int:
 
 
 def cmd_train(args) -> int:
-    from nikl_ray.train import train_stage
+    from nikl_ray.stages import train
 
-    exp, rows, _, folds = _prepared(args)
-    print(f"summary: {train_stage(exp, rows, folds, backbones=args.backbone)}")
+    exp, data = _prepared(args)
+    print(f"train table: {train.run(exp, data, backbones=args.backbone)}")
     return 0
 
 
 def cmd_tune(args) -> int:
-    from nikl_ray.tune import tune_stage
+    from nikl_ray.config import apply_tuned
+    from nikl_ray.stages import tune
 
-    exp, rows, _, folds = _prepared(args)
+    exp, data = _prepared(args, tuned=False)  # a search starts from the experiment's own values
+    flags = {k: getattr(args, k) for k in ("num_samples", "fold", "grace_period", "prune_metric", "seed", "max_concurrent")}
+    exp = exp.model_copy(update={"search": exp.search.model_copy(update={k: v for k, v in flags.items() if v is not None})})
     for name in args.backbone or list(exp.search_spaces) or [b.name for b in exp.backbones]:
-        tune_stage(exp, rows, folds, name, num_samples=args.num_samples, fold=args.fold, resume=args.resume,
-                   grace_period=args.grace_period, prune_metric=args.prune_metric, seed=args.seed, space_path=args.space,
-                   max_concurrent=args.max_concurrent)
+        tune.run(exp, data, name, space_path=args.space)
+    apply_tuned(exp)  # logs what later stages will use
     return 0
 
 
 def cmd_features(args) -> int:
-    from nikl_ray.features import features_stage
+    from nikl_ray.stages import features
 
-    exp, rows, test, folds = _prepared(args)
-    print(f"features: {features_stage(exp, rows, folds, test)}")
+    exp, data = _prepared(args)
+    print(f"features: {features.run(exp, data)}")
     return 0
 
 
 def cmd_ensemble(args) -> int:
-    from nikl_ray.ensemble import ensemble_stage
+    from nikl_ray.stages import ensemble
 
-    exp, rows, test, folds = _prepared(args)
-    print(f"report: {ensemble_stage(exp, rows, folds, test)}")
+    exp, data = _prepared(args)
+    print(f"report: {ensemble.run(exp, data)}")
     return 0
 
 
@@ -120,7 +177,7 @@ def cmd_pipeline(args) -> int:
     from nikl_ray.pipeline import run_pipeline
 
     exp = _experiment(args)
-    _connect(args)
+    _connect(args, exp)
     run_pipeline(exp, tune=args.tune)
     return 0
 
@@ -133,19 +190,27 @@ def cmd_demo(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from nikl_ray.predict import predict_text
+    from nikl_ray.config import prepare
+    from nikl_ray.predictor import Predictor
 
-    exp = _experiment(args)
-    probs, labels = predict_text(exp, args.text, args.target)
+    predictor = Predictor.load(prepare(_experiment(args)))
+    probs, labels = predictor.predict_text(args.text, args.target)
     for name, p in probs.items():
         print(f"{name:<14} {p:.3f}{'  ✓' if name in labels else ''}")
-    print("labels:", ", ".join(labels) or "(none)")
+    print(f"labels: {', '.join(labels) or '(none)'}   ({predictor.candidate}, rule {predictor.rule})")
     return 0
 
 
-def _add_common(p: argparse.ArgumentParser, *, config_required: bool = True) -> None:
-    p.add_argument("--config", required=config_required, default=None if config_required else str(EXAMPLE),
-                   help="experiment YAML")
+def cmd_status(args) -> int:
+    from nikl_ray.status import print_status, run_status
+
+    status = run_status(_experiment(args), ray_address=args.address)
+    print_status(status, as_json=args.json)
+    return 1 if status["failed"] else 0
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="experiment YAML")
     p.add_argument("--results", help="results root (overrides the experiment's)")
     p.add_argument("--local", action="store_true", help="start a Ray instance on this machine instead of joining a cluster")
     p.add_argument("--num-cpus", type=int, help="with --local: CPUs Ray may use (default: all)")
@@ -153,85 +218,78 @@ def _add_common(p: argparse.ArgumentParser, *, config_required: bool = True) -> 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nikl-ray", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log (debug)")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("validate", help="check an experiment file and its data, train nothing")
-    _add_common(p)
-    p.set_defaults(fn=cmd_validate)
+    def command(name, fn, help, common=True):
+        p = sub.add_parser(name, help=help)
+        if common:
+            _add_common(p)
+        p.set_defaults(fn=fn)
+        return p
 
-    p = sub.add_parser("split", help="make the stratified K-fold manifest")
-    _add_common(p)
-    p.set_defaults(fn=cmd_split)
-
-    p = sub.add_parser("plan", help="print how many trials of each backbone share a card (no Ray needed)")
+    command("validate", cmd_validate, "check an experiment file and its data; writes nothing")
+    command("split", cmd_split, "make the stratified K-fold manifest (held-out and selection rows)")
+    p = command("plan", cmd_plan, "print how trials share this machine's cards, or --gpus N cards (no Ray needed)", False)
     p.add_argument("--config", required=True)
     p.add_argument("--results", help="results root (overrides the experiment's)")
-    p.add_argument("--gpus", type=float, default=1, help="GPUs in the cluster (0: a CPU plan)")
-    p.add_argument("--cpus", type=float, default=16, help="CPUs in the cluster")
-    p.set_defaults(fn=cmd_plan)
-
-    p = sub.add_parser("make-backbones", help="build tiny random-init HF backbones with a tokenizer trained on the task's text")
+    p.add_argument("--gpus", type=float, help="plan for this many cards instead of this machine's (0: a CPU plan)")
+    p.add_argument("--card-gb", type=float, help="with --gpus: memory budget per card (default: the experiment's card_gb)")
+    p.add_argument("--cpus", type=float, help="CPUs to plan for (default: this machine's)")
+    p = command("make-backbones", cmd_make_backbones, "build tiny random-init HF backbones with a tokenizer trained on "
+                                                        "the task's text", False)
     p.add_argument("--task", default="nikl-emotion")
     p.add_argument("--data", nargs="+", default=[str(Path(__file__).parent / "demo_data" / "train.jsonl")])
     p.add_argument("--out", required=True)
     p.add_argument("--kinds", nargs="+", default=["electra", "roberta", "gpt_neox", "llama"])
-    p.set_defaults(fn=cmd_make_backbones)
-
-    p = sub.add_parser("train", help="train every fold × backbone as Ray Train runs")
-    _add_common(p)
+    p = command("train", cmd_train, "train every fold × backbone as Ray Train runs")
     p.add_argument("--backbone", action="append", help="only this backbone (repeatable)")
-    p.set_defaults(fn=cmd_train)
-
-    p = sub.add_parser("tune", help="Ray Tune + Optuna search per backbone; writes leaderboard and best_config.yaml")
-    _add_common(p)
+    p = command("tune", cmd_tune, "Ray Tune + Optuna search per backbone; leaderboard and best_config.yaml "
+                                  "(a finished search is skipped, a cut-off one resumed)")
     p.add_argument("--backbone", action="append", help="backbone to tune (repeatable; default: those with a search space)")
     p.add_argument("--space", help="search space YAML (default: the experiment's, else search_spaces/<family>_<mode>.yaml)")
-    p.add_argument("--num-samples", type=int, default=8, help="trials per backbone")
-    p.add_argument("--fold", type=int, default=0, help="the fold whose held-out rows score the trials")
-    p.add_argument("--grace-period", type=int, default=1, help="ASHA: epochs before a trial may be stopped")
-    p.add_argument("--prune-metric", default="eval_micro_f1", help="what ASHA compares (eval_micro_f1 or eval_loss)")
-    p.add_argument("--seed", type=int, default=0, help="TPE sampler seed")
+    # each flag overrides the experiment's `search:` section (config.SearchConfig documents them)
+    p.add_argument("--num-samples", type=int, help="trials per backbone (default 8)")
+    p.add_argument("--fold", type=int, help="the fold whose selection slice scores the trials (default 0)")
+    p.add_argument("--grace-period", type=int, help="ASHA: epochs before a trial may be stopped (default 1)")
+    p.add_argument("--prune-metric", help="what ASHA compares (default: the selection score eval_score; or eval_loss)")
+    p.add_argument("--seed", type=int, help="TPE sampler seed (default 0)")
     p.add_argument("--max-concurrent", type=int, help="run at most this many trials at once (default: all that fit)")
-    p.add_argument("--resume", action="store_true", help="continue an interrupted search")
-    p.set_defaults(fn=cmd_tune)
-
-    p = sub.add_parser("features", help="out-of-fold and test features of every fold model")
-    _add_common(p)
-    p.set_defaults(fn=cmd_features)
-
-    p = sub.add_parser("ensemble", help="train the stacked MLP heads, compare ensembles, write report and submission")
-    _add_common(p)
-    p.set_defaults(fn=cmd_ensemble)
-
-    p = sub.add_parser("pipeline", help="split → (tune) → train → features → ensemble → submit, skipping finished stages")
-    _add_common(p)
+    command("features", cmd_features, "out-of-fold and test features of every fold model")
+    command("ensemble", cmd_ensemble, "train the stacked heads, compare every candidate, write report and submissions")
+    p = command("pipeline", cmd_pipeline, "split → (tune) → train → features → ensemble → submit, skipping finished stages")
     p.add_argument("--tune", action="store_true", help="search hyper-parameters first for backbones with a search space")
-    p.set_defaults(fn=cmd_pipeline)
-
-    p = sub.add_parser("demo", help="the whole pipeline on the shipped demo data with tiny backbones (CPU, minutes)")
+    p = command("demo", cmd_demo, "the whole pipeline on the shipped demo data with tiny backbones (CPU, minutes)", False)
     p.add_argument("--results", help="results root (default results/demo)")
     p.add_argument("--num-cpus", type=int, help="CPUs Ray may use (default: all)")
-    p.set_defaults(fn=cmd_demo)
-
-    p = sub.add_parser("predict", help="labels for one sentence from a finished run")
-    _add_common(p)
+    p = command("predict", cmd_predict, "labels for one sentence from a finished run", False)
+    p.add_argument("--config", required=True)
+    p.add_argument("--results", help="results root (overrides the experiment's)")
     p.add_argument("--text", required=True)
     p.add_argument("--target", help="the target span (NIKL); leave out for the whole text")
-    p.set_defaults(fn=cmd_predict)
-
+    p = command("status", cmd_status, "where a run stands: stages, runs, trials (works while it runs and after); "
+                                      "exit 1 when something failed", False)
+    p.add_argument("--config", required=True)
+    p.add_argument("--results", help="results root (overrides the experiment's)")
+    p.add_argument("--address", help="Ray dashboard to ask about live runs (default: the one this results root's "
+                                     "run recorded, else none)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    from nikl_ray.cluster import StorageError
     from nikl_ray.config import ConfigError
     from nikl_ray.data import DataError
-    from nikl_ray.folds import FoldMismatchError
+    from nikl_ray.placement import PlacementError
 
     args = build_parser().parse_args(argv)
+    setup_logging(-1 if args.quiet else args.verbose)
     try:
         return args.fn(args)
-    except (ConfigError, DataError, FoldMismatchError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (ConfigError, DataError, PlacementError, StorageError) as e:
+        log.error("%s", e)
         return 2
 
 

@@ -1,21 +1,27 @@
 """Experiment files: one YAML that says what to train on, with which backbones, and where to write.
 
 Relative paths are taken from the YAML file's folder. `defaults` applies to every backbone
-(each backbone's own keys win). A checkpoint written `tiny:<kind>` (electra, roberta, bert,
-gpt_neox, llama) is a tiny random-init backbone built on first use under
-`<results>/tiny_backbones/<kind>` with a tokenizer trained on the task's training text.
+(each backbone's own keys win). Reading a file builds and writes nothing: `prepare()` is the
+explicit step that builds tiny backbones (`checkpoint: tiny:<kind>` — electra, roberta, bert,
+gpt_neox, llama — random-init, with a tokenizer trained on the task's training text) and
+applies what `nikl-ray tune` found (`tune/<backbone>/best_config.yaml`: a searched key takes
+the tuned value, also over a value the experiment pins, which is then logged).
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from nikl_ray.backbones import BackboneSpec
+from nikl_ray.layout import Layout
 from nikl_ray.tasks import TaskSpec, get_task
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(ValueError):
@@ -26,25 +32,45 @@ class FoldsConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     k: int = Field(5, ge=2, le=20, description="Number of folds.")
     seed: int = Field(42, description="Seed of the stratified split.")
+    selection: float = Field(0.1, ge=0, lt=0.5, description="Share of each fold's training rows held aside to choose the "
+                                                            "epoch (never the held-out fold, whose predictions are the "
+                                                            "out-of-fold features); 0: no early stopping, the last epoch is kept.")
 
 
 class ResourcesConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     use_gpu: bool | None = Field(None, description="Train on GPUs; default: when the cluster has any.")
-    card_gb: float = Field(24.0, gt=0, description="Memory of one card, for the placement plan.")
+    card_gb: float | None = Field(None, gt=0, description="Memory budget per card (GiB) for the placement plan; default: "
+                                                          "the smallest card found. Below the physical card, each trial is "
+                                                          "capped as if the card had this much.")
     max_trials_per_card: int = Field(8, ge=1)
     cpus_per_trial: float = Field(1.0, gt=0, description="CPUs each trial's worker holds.")
     max_failures: int = Field(2, ge=0, description="Times Ray Train restarts a failed run from its last checkpoint.")
 
 
+class SearchConfig(BaseModel):
+    """How `tune` searches (the command line's flags override these)."""
+
+    model_config = ConfigDict(extra="forbid")
+    num_samples: int = Field(8, ge=1, description="Trials per backbone.")
+    fold: int = Field(0, ge=0, description="The fold whose selection slice scores the trials.")
+    grace_period: int = Field(1, ge=1, description="ASHA: epochs before a trial may be stopped.")
+    prune_metric: str | None = Field(None, description="What ASHA compares: default the selection score; or eval_loss.")
+    seed: int = Field(0, description="TPE sampler seed.")
+    max_concurrent: int | None = Field(None, ge=1, description="At most this many trials at once (default: all that fit); "
+                                                               "1 makes ASHA's decisions reproducible.")
+
+
 class EnsembleConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
     hidden_sizes: list[int] = Field([64, 96, 128, 256, 512], min_length=1, description="MLP head hidden sizes; one head each.")
-    inner_folds: int = Field(5, ge=2, description="Inner K-fold of the heads over the out-of-fold features.")
-    epochs: int = Field(200, ge=1, description="Maximum epochs of a head (early stopping on inner micro-F1).")
-    patience: int = Field(20, ge=1)
+    inner_folds: int = Field(5, ge=2, description="Inner K-fold of the heads over the out-of-fold features; also the "
+                                                  "folds over which decision rules are cross-fitted.")
+    epochs: int = Field(200, ge=1, description="Maximum epochs of a head.")
+    patience: int = Field(20, ge=1, description="Epochs without gain on the head's early-stopping slice before it stops.")
+    early_stopping: float = Field(0.1, ge=0, lt=0.5, description="Share of each head's training rows held aside to choose "
+                                                                 "its epoch; 0: train all epochs.")
     dropout: float = Field(0.2, ge=0, lt=1)
-    use_hidden: bool = Field(True, description="Stack the members' pooled hidden states too, not only their probabilities.")
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(64, ge=1)
     seed: int = 0
@@ -62,7 +88,8 @@ class Experiment(BaseModel):
     resources: ResourcesConfig = ResourcesConfig()
     ensemble: EnsembleConfig = EnsembleConfig()
     search_spaces: dict[str, Path] = Field({}, description="Backbone name → search space YAML for `tune`.")
-    _source: tuple = PrivateAttr(default=())  # (raw mapping, base folder, name) to re-read after tuning
+    search: SearchConfig = SearchConfig()
+    pinned: dict[str, list[str]] = Field({}, description="(filled by the reader) keys each backbone sets itself.")
 
     @field_validator("task", mode="before")
     @classmethod
@@ -78,11 +105,29 @@ class Experiment(BaseModel):
             raise ValueError(f"backbone names must be unique: {dupes}")
         return v
 
+    @model_validator(mode="after")
+    def _losses_fit_the_task(self) -> "Experiment":
+        for b in self.backbones:
+            if self.task.multi_label and b.loss == "ce":
+                raise ValueError(f"backbone {b.name}: loss ce is for single-label tasks; task {self.task.name} is "
+                                 "multi-label (use bce, asl or auto)")
+            if not self.task.multi_label and b.loss in ("bce", "asl"):
+                raise ValueError(f"backbone {b.name}: loss {b.loss} is for multi-label tasks; task {self.task.name} is "
+                                 "single-label (use ce or auto)")
+        return self
+
+    @property
+    def layout(self) -> Layout:
+        return Layout(self.results)
+
     def backbone(self, name: str) -> BackboneSpec:
         for b in self.backbones:
             if b.name == name:
                 return b
         raise KeyError(f"no backbone named {name!r}; have {[b.name for b in self.backbones]}")
+
+    def with_backbones(self, backbones: list[BackboneSpec]) -> "Experiment":
+        return self.model_copy(update={"backbones": backbones})
 
 
 def _format_validation(e: ValidationError, where: str) -> str:
@@ -92,7 +137,7 @@ def _format_validation(e: ValidationError, where: str) -> str:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key (typo?)"
-        lines.append(f"  {loc}: {msg}")
+        lines.append(f"  {loc}: {msg}" if loc else f"  {msg}")
     return "\n".join(lines)
 
 
@@ -106,11 +151,11 @@ def _resolve(base: Path, p: Any) -> Any:
 
 
 def parse_experiment(raw: dict, base_dir: str | Path = ".", where: str = "<experiment>") -> Experiment:
-    """Validate a raw experiment mapping; tiny:<kind> checkpoints are built if missing."""
+    """Validate a raw experiment mapping. Nothing is built or written."""
     base = Path(base_dir).resolve()
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping at the top level")
-    source, raw = raw, dict(raw)
+    raw = dict(raw)
     if isinstance(raw.get("train"), (str, Path)):
         raw["train"] = [raw["train"]]
     raw["train"] = [_resolve(base, p) for p in raw.get("train", [])]
@@ -122,70 +167,24 @@ def parse_experiment(raw: dict, base_dir: str | Path = ".", where: str = "<exper
     defaults = raw.pop("defaults", None) or {}
     if not isinstance(defaults, dict):
         raise ConfigError(f"{where}: defaults: expected a mapping")
-    backbones = []
-    results = Path(raw["results"])
+    backbones, pinned = [], {}
     for i, b in enumerate(raw.get("backbones") or []):
         if not isinstance(b, dict):
             raise ConfigError(f"{where}: backbones.{i}: expected a mapping")
-        # precedence: the backbone's own keys > its tuned best config > the file's defaults
-        b = {**defaults, **tuned_config(results, b.get("name")), **b}
+        pinned[str(b.get("name"))] = sorted(k for k in b if k not in ("name", "checkpoint"))
+        b = {**defaults, **b}
         if "checkpoint" in b:
             b["checkpoint"] = _resolve(base, b["checkpoint"])
         backbones.append(b)
-    raw["backbones"] = backbones
-    exp = _validate(raw, where)
-    tiny = [b for b in backbones if str(b.get("checkpoint", "")).startswith("tiny:")]
-    if tiny:
-        _build_tiny(raw, tiny, where)
-        exp = _validate(raw, where)
+    raw["backbones"], raw["pinned"] = backbones, pinned
+    try:
+        exp = Experiment(**raw)
+    except ValidationError as e:
+        raise ConfigError(_format_validation(e, where)) from None
     missing = [str(p) for p in exp.train + ([exp.test] if exp.test else []) if not p.exists()]
     if missing:
         raise ConfigError(f"{where}: data file(s) not found: {missing}")
-    exp._source = (source, base, where)
     return exp
-
-
-def tuned_config(results: Path, backbone: Any) -> dict:
-    """The best config `nikl-ray tune` wrote for `backbone`, or {}."""
-    path = results / "tune" / str(backbone) / "best_config.yaml"
-    if not isinstance(backbone, str) or not path.exists():
-        return {}
-    best = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    print(f"{backbone}: using tuned {best} from {path}", flush=True)
-    return best
-
-
-def reload_experiment(exp: Experiment) -> Experiment:
-    """Read the experiment again (after tuning, so best configs apply)."""
-    raw, base, where = exp._source
-    return parse_experiment(raw, base, where)
-
-
-def _validate(raw: dict, where: str) -> Experiment:
-    try:
-        return Experiment(**raw)
-    except ValidationError as e:
-        raise ConfigError(_format_validation(e, where)) from None
-
-
-def _build_tiny(raw: dict, tiny: list[dict], where: str) -> None:
-    from nikl_ray.data import read_rows
-    from nikl_ray.tiny import TINY_KINDS, make_tiny_backbone
-
-    task = get_task(raw.get("task"))
-    results = Path(raw.get("results") or "results")
-    texts = None
-    for b in tiny:
-        kind = b["checkpoint"].removeprefix("tiny:")
-        if kind not in TINY_KINDS:
-            raise ConfigError(f"{where}: backbone {b.get('name')}: unknown tiny kind {kind!r}; choose from {TINY_KINDS}")
-        out = results / "tiny_backbones" / kind
-        if not (out / "config.json").exists():
-            if texts is None:
-                texts = read_rows(raw["train"], task).texts
-            print(f"building tiny {kind} backbone in {out} (tokenizer trained on {len(texts)} rows)", flush=True)
-            make_tiny_backbone(kind, texts, out)
-        b["checkpoint"] = str(out.resolve())
 
 
 def load_experiment(path: str | Path, overrides: dict | None = None) -> Experiment:
@@ -198,3 +197,52 @@ def load_experiment(path: str | Path, overrides: dict | None = None) -> Experime
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     raw = {**(raw or {}), **(overrides or {})}
     return parse_experiment(raw, path.parent, str(path))
+
+
+# ---------------------------------------------------------------------------- explicit steps
+def tuned_values(layout: Layout, backbone: str) -> dict:
+    """The best config `nikl-ray tune` wrote for `backbone`, or {}."""
+    path = layout.best_config(backbone)
+    return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.exists() else {}
+
+
+def apply_tuned(exp: Experiment) -> Experiment:
+    """Every backbone with a finished search takes its tuned values (a pinned key is overridden, loudly)."""
+    specs = []
+    for spec in exp.backbones:
+        best = tuned_values(exp.layout, spec.name)
+        if best:
+            clash = {k: getattr(spec, k) for k in best if k in exp.pinned.get(spec.name, []) and getattr(spec, k) != best[k]}
+            for k, v in clash.items():
+                log.warning("%s: the experiment pins %s=%s, the search it runs chose %s: the tuned value wins "
+                            "(remove %s from the search space to keep yours)", spec.name, k, v, best[k], k)
+            log.info("%s: using tuned %s", spec.name, best)
+            spec = BackboneSpec(**{**spec.model_dump(), **best})
+        specs.append(spec)
+    return exp.with_backbones(specs)
+
+
+def build_tiny(exp: Experiment) -> Experiment:
+    """Build (once) the tiny random-init checkpoints `tiny:<kind>` backbones name; point the specs at them."""
+    from nikl_ray.data import read_rows
+    from nikl_ray.tiny import TINY_KINDS, make_tiny_backbone
+
+    specs, texts = [], None
+    for spec in exp.backbones:
+        if spec.checkpoint.startswith("tiny:"):
+            kind = spec.checkpoint.removeprefix("tiny:")
+            if kind not in TINY_KINDS:
+                raise ConfigError(f"backbone {spec.name}: unknown tiny kind {kind!r}; choose from {TINY_KINDS}")
+            out = exp.layout.tiny(kind)
+            if not (out / "config.json").exists():
+                texts = texts if texts is not None else read_rows(exp.train, exp.task).texts
+                log.info("building tiny %s backbone in %s (tokenizer trained on %d rows)", kind, out, len(texts))
+                make_tiny_backbone(kind, texts, out)
+            spec = spec.model_copy(update={"checkpoint": str(out)})
+        specs.append(spec)
+    return exp.with_backbones(specs)
+
+
+def prepare(exp: Experiment) -> Experiment:
+    """The experiment the stages run: tiny checkpoints built, tuned values applied."""
+    return apply_tuned(build_tiny(exp))

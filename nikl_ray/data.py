@@ -42,9 +42,33 @@ class DataError(ValueError):
         super().__init__(f"{len(problems)} bad row(s):\n{shown}{tail}")
 
 
+@dataclass(frozen=True)
+class TextRows:
+    """What a model reads of rows: texts, their targets and the targets' spans (None where absent)."""
+
+    texts: list[str]
+    targets: list[str | None]
+    spans: list[tuple[int, int] | None]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def take(self, index) -> "TextRows":
+        index = list(map(int, index))
+        return TextRows([self.texts[i] for i in index], [self.targets[i] for i in index], [self.spans[i] for i in index])
+
+    def keys(self) -> list[str]:
+        """A stable key per row, from what the model reads (the same row always gets the same key)."""
+        import hashlib
+
+        return [hashlib.sha256(json.dumps([t, g, list(s) if s else None], ensure_ascii=False).encode()).hexdigest()
+                for t, g, s in zip(self.texts, self.targets, self.spans)]
+
+
 @dataclass
 class Rows:
-    """Validated rows of one task. `labels` is an (n, L) 0/1 matrix, or None for unlabelled rows."""
+    """Validated rows of one task. `labels` is an (n, L) 0/1 matrix, or None for unlabelled rows.
+    `spans` holds each target's (begin, end) in its text (None for rows without a target)."""
 
     task: TaskSpec
     paths: list[Path]
@@ -53,7 +77,12 @@ class Rows:
     targets: list[str | None]
     labels: np.ndarray | None
     records: list[Any] = field(repr=False)  # parsed rows as read, written back by the writer
+    spans: list[tuple[int, int] | None] | None = None
     _data_hash: str | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.spans is None:
+            self.spans = [None] * len(self.ids)
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -63,11 +92,10 @@ class Rows:
         return Rows(self.task, self.paths, [self.ids[i] for i in index], [self.texts[i] for i in index],
                     [self.targets[i] for i in index],
                     None if self.labels is None else self.labels[index], [self.records[i] for i in index],
-                    self._data_hash)
+                    [self.spans[i] for i in index], self._data_hash)
 
-    def select_ids(self, ids: Sequence[str]) -> "Rows":
-        where = {rid: i for i, rid in enumerate(self.ids)}
-        return self.take([where[i] for i in ids])
+    def inputs(self) -> "TextRows":
+        return TextRows(self.texts, self.targets, self.spans)
 
     def data_hash(self) -> str:
         """Hash of the files these rows were read from (fold manifests are tied to it); read once."""
@@ -86,24 +114,30 @@ def _get(obj: Any, dotted: str) -> Any:
     return obj
 
 
-def _parse_target(record: dict, task: TaskSpec, text: str) -> tuple[str | None, str | None]:
-    """(target form, problem) for a record; a missing or all-null target is valid (whole text)."""
+def _parse_target(record: dict, task: TaskSpec, text: str) -> tuple[str | None, tuple[int, int] | None, str | None]:
+    """(target form, (begin, end), problem) for a record; a missing or all-null target is valid (whole text)."""
     target = _get(record, f"input.{task.target_field}") if task.format == "nikl" else _get(record, task.target_field)
     if target is _MISSING or target is None:
-        return None, None
+        return None, None, None
     if not isinstance(target, dict):
-        return None, f"target: expected an object {{form, begin, end}}, got {type(target).__name__}"
+        return None, None, f"target: expected an object {{form, begin, end}}, got {type(target).__name__}"
     form, begin, end = target.get("form"), target.get("begin"), target.get("end")
     if form is None:
-        return None, None
+        return None, None, None
     if not isinstance(form, str):
-        return None, f"target.form: expected a string or null, got {type(form).__name__}"
+        return None, None, f"target.form: expected a string or null, got {type(form).__name__}"
+    problem = span_problem(text, form, begin, end)
+    return (None, None, problem) if problem else (form, (begin, end), None)
+
+
+def span_problem(text: str, form: str, begin, end) -> str | None:
+    """Why (form, begin, end) is not a span of `text`, or None."""
     if not (isinstance(begin, int) and isinstance(end, int)) or isinstance(begin, bool) or isinstance(end, bool):
-        return None, f"target: begin/end must be integers when form is set (got {begin!r}, {end!r})"
+        return f"target: begin/end must be integers when form is set (got {begin!r}, {end!r})"
     if not (0 <= begin <= end <= len(text)) or text[begin:end] != form:
-        return None, (f"target span [{begin}:{end}] does not match form[{begin}:{end}]: "
-                      f"expected {form!r}, found {text[begin:end]!r}")
-    return form, None
+        return (f"target span [{begin}:{end}] does not match form[{begin}:{end}]: "
+                f"expected {form!r}, found {text[begin:end]!r}")
+    return None
 
 
 def _parse_labels(value: Any, task: TaskSpec) -> tuple[np.ndarray | None, str | None]:
@@ -190,7 +224,7 @@ def read_rows(paths: str | Path | Sequence[str | Path], task: TaskSpec, *, label
     """
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
     problems: list[Problem] = []
-    ids, texts, targets, labels, records = [], [], [], [], []
+    ids, texts, targets, spans, labels, records = [], [], [], [], [], []
     first_seen: dict[str, str] = {}
     text_key = f"input.{task.text_field}" if task.format == "nikl" else task.text_field
     for path in paths:
@@ -212,7 +246,7 @@ def read_rows(paths: str | Path | Sequence[str | Path], task: TaskSpec, *, label
             if not isinstance(text, str):
                 bad(f"{text_key}: missing or not a string")
                 continue
-            target, problem = _parse_target(rec, task, text) if task.target_field else (None, None)
+            target, span, problem = _parse_target(rec, task, text) if task.target_field else (None, None, None)
             if problem:
                 bad(problem)
                 continue
@@ -234,13 +268,14 @@ def read_rows(paths: str | Path | Sequence[str | Path], task: TaskSpec, *, label
             ids.append(rid)
             texts.append(text)
             targets.append(target)
+            spans.append(span)
             labels.append(vec)
             records.append(rec)
     if not problems and not ids:
         problems.append(Problem(", ".join(map(str, paths)), 0, "no rows"))
     if problems:
         raise DataError(problems)
-    return Rows(task, paths, ids, texts, targets, np.stack(labels) if labelled else None, records)
+    return Rows(task, paths, ids, texts, targets, np.stack(labels) if labelled else None, records, spans)
 
 
 def decide_single_label(pred: np.ndarray) -> np.ndarray:

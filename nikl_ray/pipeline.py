@@ -1,77 +1,75 @@
-"""The stages in order, each skipped when its manifest is complete: one entry for CLI and ray jobs.
+"""The stages in order, each skipped when its manifest is complete: one entry for the CLI and the ray jobs.
 
     split → (tune) → train → features → ensemble → submit
+
+Every stage is `run(exp, data, …)` from nikl_ray.stages: it reads the artifacts of the stages
+before it (through the experiment's Layout), writes its own with a manifest, skips itself when
+that manifest matches, and resumes when it was cut off.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from pathlib import Path
 
-from nikl_ray.config import ConfigError, Experiment
-from nikl_ray.data import Rows, read_rows
+from nikl_ray.config import Experiment, apply_tuned, build_tiny
+from nikl_ray.inputs import load_inputs
+
+log = logging.getLogger(__name__)
 
 
-def load_inputs(exp: Experiment) -> tuple[Rows, Rows | None]:
-    """Labelled rows and test rows, validated; test ids must not collide with training ids."""
-    rows = read_rows(exp.train, exp.task, labelled=True)
-    test = read_rows(exp.test, exp.task, labelled=False) if exp.test else None
-    if test is not None:
-        clash = sorted(set(rows.ids) & set(test.ids))
-        if clash:
-            raise ConfigError(f"{exp.test}: {len(clash)} test id(s) also appear in the training data, "
-                              f"e.g. {clash[:5]}")
-    return rows, test
+class Clock:
+    """Logs each stage's header and keeps its wall time."""
+
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str, fn, *args, **kw):
+        log.info("=== %s ===", name)
+        t0 = time.time()
+        out = fn(*args, **kw)
+        self.seconds[name] = time.time() - t0
+        return out
 
 
 def run_pipeline(exp: Experiment, *, tune: bool = False) -> dict:
     """Every stage in order; returns where things are and how long each stage took."""
-    from nikl_ray.ensemble import ensemble_stage, submission_name
-    from nikl_ray.features import features_stage
-    from nikl_ray.folds import split_stage
-    from nikl_ray.train import train_stage
+    from nikl_ray.stages import ensemble, features, split, train
+    from nikl_ray.stages import tune as tune_stage
 
-    times: dict[str, float] = {}
-
-    def timed(name, fn, *args, **kw):
-        t0 = time.time()
-        print(f"\n=== {name} ===", flush=True)
-        out = fn(*args, **kw)
-        times[name] = time.time() - t0
-        return out
-
-    rows, test = timed("load", load_inputs, exp)
-    folds = timed("split", split_stage, exp, rows)
+    clock = Clock()
+    data = clock("load", load_inputs, exp)
+    clock("split", split.run, exp, data.rows)
+    exp = build_tiny(exp)
     if tune:
-        from nikl_ray.tune import tune_stage
-
         for spec in exp.backbones:
             if spec.name in exp.search_spaces:
-                timed(f"tune {spec.name}", tune_stage, exp, rows, folds, spec.name)
-        from nikl_ray.config import reload_experiment
-
-        exp = reload_experiment(exp)  # the tuned best configs apply from here on
-    summary = timed("train", train_stage, exp, rows, folds)
-    timed("features", features_stage, exp, rows, folds, test)
-    report = timed("ensemble", ensemble_stage, exp, rows, folds, test)
+                clock(f"tune {spec.name}", tune_stage.run, exp, data, spec.name)
+    exp = apply_tuned(exp)
+    summary = clock("train", train.run, exp, data)
+    clock("features", features.run, exp, data)
+    report = clock("ensemble", ensemble.run, exp, data)
+    decision = json.loads(exp.layout.decision.read_text())
     out = {"results": exp.results, "train_summary": summary, "report": report, "plot": report.with_suffix(".png"),
-           "submission": (report.parent / submission_name(exp)) if test is not None else None, "stage_seconds": times}
-    print_summary(out)
+           "submission": exp.layout.submission(ensemble.submission_suffix(exp)) if data.test is not None else None,
+           "chosen": decision["candidate"], "stage_seconds": clock.seconds}
+    log_summary(out)
     return out
 
 
-def print_summary(out: dict) -> None:
-    import json
-
+def log_summary(out: dict) -> None:
     report = json.loads(Path(out["report"]).with_suffix(".json").read_text())
-    best_member = max((m for m in report["members"]), key=lambda m: max(v["micro_f1"] for v in report["table"][m].values()))
-    best_member_f1 = max(v["micro_f1"] for v in report["table"][best_member].values())
-    lines = ["", "=== summary ===",
+    c, metric = report["chosen"], report["metric"]
+    lines = ["=== summary ===",
              "stage times: " + ", ".join(f"{k} {v:.1f} s" for k, v in out["stage_seconds"].items()),
-             f"best member: {best_member} (out-of-fold micro-F1 {best_member_f1:.4f})",
-             f"prob-average: {max(v['micro_f1'] for v in report['table']['prob-average'].values()):.4f}",
-             f"stacked ensemble: {report['stack_oof_scores']['micro_f1']:.4f} (rule {report['chosen_rule']})",
-             f"report: {out['report']}", f"plot: {out['plot']}", f"train summary: {out['train_summary']}"]
+             f"submitted: {c['name']} (rule {c['rule']}), cross-fitted out-of-fold {metric} {c['score']:.4f}; "
+             f"best single member {c['best_member']} {c['best_member_score']:.4f}",
+             f"report: {out['report']}", f"plot: {out['plot']}", f"train table: {out['train_summary']}"]
+    if report["degenerate"]:
+        lines.append("DEGENERATE fold models (left out of every ensemble): "
+                     + "; ".join(f"{m}: {', '.join(r)}" for m, r in report["degenerate"].items()))
     if out["submission"]:
         lines.append(f"submission: {out['submission']}")
-    print("\n".join(lines), flush=True)
+    log.info("\n".join(lines))

@@ -1,17 +1,29 @@
-"""How many trials share one card: a memory estimate per backbone, turned into a GPU share.
+"""How many trials share one card: a memory estimate per backbone, turned into a GPU share and a cap.
 
-Ray's fractional GPUs are a scheduling promise only; the worker also caps itself with
-`torch.cuda.set_per_process_memory_fraction(share)`. Shares are always 1/k (k trials per
-card), because Ray adds fractions across the whole cluster: a share that does not tile one card
-can place more trials than fit on any single card (ray-project/ray#5902).
+A trial's footprint on a card is what PyTorch's allocator holds at its peak (estimated below)
+plus what the process holds outside the allocator: the CUDA context, cuBLAS workspaces and
+allocator slack, reserved as `CONTEXT_GB` per process (≈ 1.15 GB measured per process on an
+H200 with torch 2.11 / CUDA 13 in the run recorded in issue 13; `benchmarks/gpu_packing.py`
+measures it again on any card).
 
-The estimate (bytes), for one training process:
-- frozen or trained weights at their precision (fp32 for full fine-tuning; 16-bit for LoRA on a
-  GPU; ~0.56 byte/param for 4-bit NF4 with double quantization, embeddings kept in 16-bit),
-- trainable parameters × 16 bytes (fp32 weight, grad, two Adam moments),
-- activations: per layer s·b·h·(34 + 5·a·s/h) bytes at 16-bit (Korthikanti et al., 2022),
-  about 2·s·b·h per layer with gradient checkpointing plus one layer in full,
-- a fixed 1 GiB for the CUDA context and allocator slack, then a 10% margin.
+`card_gb` is a *budget per card*; by default the smallest card the cluster reports. With k
+trials per card (share 1/k: Ray adds fractions across the whole cluster, so a share that does
+not tile one card can place more trials than fit on any one card, ray-project/ray#5902), each
+trial's allocator is capped at `(budget / k − CONTEXT_GB) / physical card memory` with
+`torch.cuda.set_per_process_memory_fraction` (a fraction of the *physical* card, and blind to
+the context). So a 24 GB plan exercised on an 80 GB card keeps every trial inside what it would
+have on a 24 GB one.
+
+The allocator estimate (bytes), for one training process:
+- weights at their precision (fp32 for full fine-tuning; 16-bit for LoRA on a GPU; ~0.56
+  byte/param for 4-bit NF4 with double quantization, embeddings in fp32 as k-bit training keeps them),
+- trainable parameters × 16 bytes (fp32 weight, gradient, two Adam moments),
+- activations: 34·s·b·h bytes per layer at 16-bit (Korthikanti et al., 2022, without the
+  attention-score term that SDPA attention never materialises), or about 2·s·b·h per layer
+  with gradient checkpointing plus one layer in full,
+- then a 10% margin.
+Measured against it on an H200 (issue 13): RoBERTa-base full FT at 32 × 128 peaked at 2.58 GB
+(estimate 3.6 GB); a 1.3B GPT-NeoX in QLoRA r=64 at 8 × 128 at 1.90 GB (estimate 2.0 GB).
 """
 
 from __future__ import annotations
@@ -20,12 +32,17 @@ import math
 from dataclasses import dataclass
 
 GiB = 1024**3
+CONTEXT_GB = 1.25  # per process, outside the allocator (see the module docstring)
 
 # (in, out) of each LoRA target in units of (hidden, intermediate); default (h, h).
 _TARGET_SHAPES = {
     "query_key_value": ("h", "3h"), "dense_h_to_4h": ("h", "i"), "dense_4h_to_h": ("i", "h"),
     "gate_proj": ("h", "i"), "up_proj": ("h", "i"), "down_proj": ("i", "h"),
 }
+
+
+class PlacementError(ValueError):
+    pass
 
 
 @dataclass(frozen=True)
@@ -55,17 +72,19 @@ def lora_params(shape: ModelShape, targets: list[str], r: int) -> float:
 def estimate_memory_bytes(shape: ModelShape, *, mode: str, batch_size: int, max_length: int,
                           lora_r: int = 16, lora_targets: list[str] | None = None,
                           gradient_checkpointing: bool = False) -> float:
+    """Peak bytes PyTorch's allocator holds while training (the CUDA context is not included)."""
     embed = shape.vocab * shape.hidden
     if mode == "full":
         weights, trainable = shape.params * 4, shape.params
     else:
         body = shape.params - embed
-        weights = (body * 0.5625 + embed * 2) if mode in ("qlora", "gptq") else shape.params * 2
+        # k-bit training (peft's prepare_model_for_kbit_training) keeps the unquantized weights in fp32
+        weights = (body * 0.5625 + embed * 4) if mode in ("qlora", "gptq") else shape.params * 2
         trainable = lora_params(shape, lora_targets or ["query", "value"], lora_r)
-    s, b, h, a, L = max_length, batch_size, shape.hidden, shape.heads, shape.layers
-    per_layer = s * b * h * (34 + 5 * a * s / h)
+    s, b, h, L = max_length, batch_size, shape.hidden, shape.layers
+    per_layer = 34 * s * b * h
     activations = (2 * s * b * h * L + per_layer) if gradient_checkpointing else per_layer * L
-    return (weights + trainable * 16 + activations + 1 * GiB) * 1.10
+    return (weights + trainable * 16 + activations) * 1.10
 
 
 @dataclass(frozen=True)
@@ -73,35 +92,113 @@ class Placement:
     """Resources for one trial. On GPU: gpu_share = 1/trials_per_card; on CPU: gpu_share = 0."""
 
     name: str
-    estimate_gb: float
+    estimate_gb: float  # allocator peak
     trials_per_card: int
     gpu_share: float
     cpus: float
+    memory_fraction: float | None = None  # the allocator cap, as a fraction of the physical card
+
+    @property
+    def per_trial_gb(self) -> float:
+        return self.estimate_gb + CONTEXT_GB
 
     def resources(self) -> dict:
         return {"CPU": self.cpus, "GPU": self.gpu_share} if self.gpu_share else {"CPU": self.cpus}
 
 
-def place(name: str, estimate_bytes: float, *, card_gb: float = 24.0, use_gpu: bool, cpus: float = 1.0,
-          max_trials_per_card: int = 8) -> Placement:
+def place(name: str, estimate_bytes: float, *, budget_gb: float | None, physical_gb: float | None = None, use_gpu: bool,
+          cpus: float = 1.0, max_trials_per_card: int = 8) -> Placement:
+    """k = how many trials fit one card's budget (context included), capped by max_trials_per_card."""
     est_gb = estimate_bytes / GiB
     if not use_gpu:
         return Placement(name, est_gb, 0, 0.0, cpus)
-    if est_gb > card_gb:
-        raise ValueError(f"backbone {name}: estimated {est_gb:.1f} GB does not fit a {card_gb:g} GB card; "
-                         "lower batch_size/max_length, use qlora, or turn on gradient_checkpointing")
-    k = max(1, min(max_trials_per_card, math.floor(card_gb / est_gb)))
-    return Placement(name, est_gb, k, 1.0 / k, cpus)
+    if budget_gb is None:
+        raise PlacementError(f"backbone {name}: no card memory known: set resources.card_gb")
+    per_trial = est_gb + CONTEXT_GB
+    if per_trial > budget_gb:
+        found = f"; the card found has {physical_gb:.1f} GB" if physical_gb else ""
+        raise PlacementError(f"backbone {name}: needs ~{per_trial:.1f} GB ({est_gb:.1f} GB estimated + {CONTEXT_GB:g} GB "
+                             f"CUDA context) and does not fit a {budget_gb:g} GB card budget{found}; lower batch_size or "
+                             "max_length, use qlora, or turn on gradient_checkpointing")
+    k = max(1, min(max_trials_per_card, math.floor(budget_gb / per_trial)))
+    physical = physical_gb or budget_gb
+    cap = (budget_gb / k - CONTEXT_GB) / physical
+    return Placement(name, est_gb, k, 1.0 / k, cpus, cap)
 
 
-def format_plan(placements: list[Placement], *, card_gb: float, total_cpus: float, total_gpus: float) -> str:
-    lines = ["placement plan:"]
+def concurrent_slots(placements: list[Placement], cpus: float, gpus: float) -> int:
+    """How many trials the cluster runs at once under the plan (the tightest backbone decides)."""
+    slots = min(int(cpus // p.cpus) for p in placements)
+    if gpus:
+        on_gpu = [int(round(gpus * p.trials_per_card)) for p in placements if p.gpu_share]
+        slots = min([slots, *on_gpu])
+    return max(1, slots)
+
+
+def format_plan(placements: list[Placement], *, budget_gb: float | None, physical_gb: float | None, total_cpus: float,
+                total_gpus: float) -> str:
+    if not total_gpus or not any(p.gpu_share for p in placements):
+        lines = [f"placement plan (CPU mode: {total_cpus:g} CPUs, no GPU):"]
+        for p in placements:
+            lines.append(f"  {p.name:<24} {p.cpus:g} CPU per trial → {max(1, int(total_cpus // p.cpus))} at once")
+        return "\n".join(lines)
+    card = f"{budget_gb:g} GB budget per card" + (f" (card found: {physical_gb:.1f} GB)" if physical_gb else "")
+    lines = [f"placement plan ({total_gpus:g} GPU(s), {card}, {CONTEXT_GB:g} GB CUDA context reserved per process):"]
     for p in placements:
-        if p.gpu_share:
-            lines.append(f"  {p.name:<24} ~{p.estimate_gb:5.1f} GB → {p.trials_per_card} trial(s) per {card_gb:g} GB card "
-                         f"(GPU share {p.gpu_share:.3f}, {p.cpus:g} CPU)")
-        else:
-            at_once = int(total_cpus // p.cpus) if p.cpus else 0
-            lines.append(f"  {p.name:<24} CPU mode: {p.cpus:g} CPU per trial → {at_once} at once on {total_cpus:g} CPUs "
-                         f"(GPU estimate ~{p.estimate_gb:.1f} GB)")
+        cap = f"allocator cap {p.memory_fraction * (physical_gb or budget_gb):.1f} GB" if p.memory_fraction else ""
+        lines.append(f"  {p.name:<24} ~{p.per_trial_gb:4.1f} GB ({p.estimate_gb:.1f} GB allocator + {CONTEXT_GB:g} GB context) "
+                     f"→ {p.trials_per_card} trial(s) per card (GPU share {p.gpu_share:.3f}, {cap}, {p.cpus:g} CPU)")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- planning a stage
+@dataclass(frozen=True)
+class Card:
+    """One GPU as its node reports it (cuda False: a card Ray advertises that torch cannot see)."""
+
+    node: str
+    name: str
+    total_gb: float | None
+    cuda: bool
+    bf16: bool = False
+
+
+@dataclass(frozen=True)
+class ClusterShape:
+    cpus: float
+    gpus: float
+    cards: tuple[Card, ...] = ()
+    nodes: int = 1
+
+    @property
+    def physical_gb(self) -> float | None:
+        """The smallest card found (None where no node could read its cards)."""
+        sizes = [c.total_gb for c in self.cards if c.total_gb]
+        return min(sizes) if sizes else None
+
+    def budget_gb(self, card_gb: float | None) -> float | None:
+        return card_gb if card_gb is not None else self.physical_gb
+
+
+def estimate_for(spec, device) -> float:
+    """The allocator estimate (bytes) of training `spec` on `device` (a runspec.Device)."""
+    from transformers import AutoConfig
+
+    from nikl_ray.backbones import count_params
+
+    config = AutoConfig.from_pretrained(spec.checkpoint, trust_remote_code=spec.trust_remote_code)
+    shape = ModelShape.from_config(config, count_params(spec))
+    return estimate_memory_bytes(shape, mode=spec.mode, batch_size=spec.batch_size, max_length=spec.max_length,
+                                 lora_r=spec.lora_r, lora_targets=spec.resolved_lora_targets() if spec.uses_lora else None,
+                                 gradient_checkpointing=device.gradient_checkpointing(spec) if device.device == "cuda"
+                                 else spec.family == "decoder" if spec.gradient_checkpointing is None
+                                 else spec.gradient_checkpointing)
+
+
+def plan(specs: list, resources, shape: ClusterShape, device) -> dict[str, Placement]:
+    """A placement per backbone, for the cluster `shape` (`resources` is the experiment's ResourcesConfig).
+    Refuses, before anything starts, a backbone that fits no card."""
+    budget = shape.budget_gb(resources.card_gb)
+    return {s.name: place(s.name, estimate_for(s, device), budget_gb=budget, physical_gb=shape.physical_gb,
+                          use_gpu=device.schedule_gpu, cpus=resources.cpus_per_trial,
+                          max_trials_per_card=resources.max_trials_per_card) for s in specs}

@@ -34,6 +34,11 @@ class TaskSpec(BaseModel):
                                                        "object {form, begin, end}; None if the task has none.")
     label_field: str = Field("labels", description="Field (or tsv column) holding the labels.")
 
+    @property
+    def metric(self) -> str:
+        """The primary score: micro_f1 (multi-label) or accuracy (single-label)."""
+        return "micro_f1" if self.multi_label else "accuracy"
+
     @model_validator(mode="after")
     def _check(self) -> "TaskSpec":
         if len(set(self.labels)) != len(self.labels):

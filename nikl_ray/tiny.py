@@ -29,7 +29,7 @@ def _wordpiece(texts: Iterable[str], vocab_size: int):
     tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
     tok.normalizer = normalizers.NFC()  # not BERT's NFD: that would split Hangul into jamo
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials))
+    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False))
     cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1", special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
@@ -46,7 +46,7 @@ def _byte_bpe(texts: Iterable[str], vocab_size: int, *, encoder: bool):
     tok.normalizer = normalizers.NFC()
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     if encoder:
         tok.post_processor = processors.RobertaProcessing(("</s>", tok.token_to_id("</s>")), ("<s>", tok.token_to_id("<s>")))
@@ -84,6 +84,9 @@ def make_tiny_backbone(kind: str, texts: list[str], out_dir: str | Path, *, voca
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForPreTraining
 
+    from nikl_ray.backbones import quiet_transformers
+
+    quiet_transformers()
     if kind not in TINY_KINDS:
         raise ValueError(f"unknown tiny backbone kind {kind!r}; choose from {TINY_KINDS}")
     encoder = FAMILY[kind] == "encoder"

@@ -51,27 +51,75 @@ def ray_local():
     ray.shutdown()
 
 
+def setup_run(raw: dict, base=".") -> tuple:
+    """(experiment ready for the stages, its inputs): parsed, split, tiny backbones built, tuned values applied."""
+    from nikl_ray.config import parse_experiment, prepare
+    from nikl_ray.inputs import load_inputs
+    from nikl_ray.stages import split
+
+    exp = parse_experiment(raw, base)
+    data = load_inputs(exp)
+    split.run(exp, data.rows)
+    return prepare(exp), data
+
+
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, tiny_backbones, ray_local):
-    """Encoder full, GPT-NeoX LoRA and GPT-NeoX QLoRA, two folds each, trained once per session
-    through real Ray Train: (exp, rows, folds, test, train summary path)."""
-    from nikl_ray.config import parse_experiment
-    from nikl_ray.folds import split_stage
-    from nikl_ray.pipeline import load_inputs
-    from nikl_ray.train import train_stage
+    """Encoder full, GPT-NeoX LoRA and GPT-NeoX QLoRA (pair encoding), two folds each, trained once per
+    session through real Ray Train: (exp, data, train table path)."""
+    from nikl_ray.stages import train
 
-    exp = parse_experiment({
+    exp, data = setup_run({
         "task": "nikl-emotion", "train": str(DEMO_DIR / "train.jsonl"), "test": str(DEMO_DIR / "test.jsonl"),
         "results": str(tmp_path_factory.mktemp("results")), "folds": {"k": 2, "seed": 0},
         "defaults": {"epochs": 3, "batch_size": 16, "max_length": 40},
         "ensemble": {"hidden_sizes": [16, 32], "inner_folds": 2, "epochs": 60, "patience": 10},
         "backbones": [
-            {"name": "enc-full", "checkpoint": str(tiny_backbones["electra"]), "mode": "full", "lr": 1e-3},
+            # an encoder too slow to learn anything in 3 epochs: a degenerate member, left out of the ensembles
+            {"name": "enc-full", "checkpoint": str(tiny_backbones["electra"]), "mode": "full", "lr": 1e-6},
             {"name": "neox-lora", "checkpoint": str(tiny_backbones["gpt_neox"]), "mode": "lora", "lr": 5e-3, "lora_r": 8,
-             "epochs": 8, "early_stopping_patience": 8},
+             "epochs": 8, "early_stopping_patience": 8, "target_encoding": "inline"},
             {"name": "neox-qlora", "checkpoint": str(tiny_backbones["gpt_neox"]), "mode": "qlora", "lr": 5e-3, "lora_r": 8,
              "target_encoding": "pair"},
         ]})
-    rows, test = load_inputs(exp)
-    folds = split_stage(exp, rows)
-    return exp, rows, folds, test, train_stage(exp, rows, folds)
+    return exp, data, train.run(exp, data)
+
+
+@pytest.fixture(scope="session")
+def stacked(trained):
+    """The trained fixture's features and ensemble: (exp, data, report path)."""
+    from nikl_ray.stages import ensemble, features
+
+    exp, data, _ = trained
+    features.run(exp, data)
+    return exp, data, ensemble.run(exp, data)
+
+
+def nsmc_experiment(tmp_path, tiny_backbones, results) -> dict:
+    """The single-label task on real NSMC-style reviews: 600 train and 80 test rows copied into
+    `tmp_path`, one tiny GPT-NeoX member (LoRA) + TF-IDF, 2 folds."""
+    from itertools import islice
+
+    def head(src, dst, n):
+        with open(src, encoding="utf-8") as f:
+            dst.write_text("".join(islice(f, n + 1)), encoding="utf-8")
+        return str(dst)
+
+    return {"task": "sentence-sentiment", "train": head(NSMC_DIR / "ratings_train.txt", tmp_path / "train.txt", 600),
+            "test": head(NSMC_DIR / "ratings_test.txt", tmp_path / "test.txt", 80), "results": str(results),
+            "folds": {"k": 2, "seed": 0}, "defaults": {"epochs": 2, "batch_size": 32, "max_length": 48, "lr": 5e-3},
+            "backbones": [{"name": "neox", "checkpoint": str(tiny_backbones["gpt_neox"]), "mode": "lora"}],
+            "ensemble": {"hidden_sizes": [16, 32], "inner_folds": 2, "epochs": 60, "patience": 10}}
+
+
+@pytest.fixture(scope="session")
+def single_label_run(tmp_path_factory, tiny_backbones, ray_local):
+    """The NSMC-style pipeline run once on this machine's Ray: (raw experiment, pipeline output)."""
+    from nikl_ray.config import parse_experiment
+    from nikl_ray.pipeline import run_pipeline
+
+    if not NSMC_DIR.exists():
+        pytest.skip("../shared/data/nsmc_like is absent")
+    tmp = tmp_path_factory.mktemp("nsmc")
+    raw = nsmc_experiment(tmp, tiny_backbones, tmp / "res")
+    return raw, run_pipeline(parse_experiment(raw, tmp))

@@ -11,7 +11,7 @@ def _cli(*args):
 def test_help_lists_the_subcommands():
     out = _cli("--help")
     assert out.returncode == 0
-    for cmd in ("split", "train", "tune", "features", "ensemble", "predict", "pipeline", "demo", "make-backbones"):
+    for cmd in ("split", "train", "tune", "features", "ensemble", "predict", "pipeline", "demo", "make-backbones", "status"):
         assert cmd in out.stdout
 
 

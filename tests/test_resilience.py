@@ -1,5 +1,6 @@
 """Crashes, kills, bad artifacts and out-of-memory: nothing finished is lost, nothing broken is used."""
 
+import csv
 import json
 import os
 import shutil
@@ -18,7 +19,7 @@ import yaml
 from conftest import DEMO_DIR
 from nikl_ray.artifacts import load_manifest, manifest_problem, write_manifest, write_text
 from nikl_ray.backbones import BackboneSpec
-from nikl_ray.train import oom_message, pair_dir, read_history, run_with_oom_retry
+from nikl_ray.worker import oom_message, read_history, run_with_oom_retry
 
 
 # ---------------------------------------------------------------------------- out of memory
@@ -71,16 +72,16 @@ def test_a_truncated_or_altered_artifact_is_named(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_stage_recomputes_a_truncated_feature_file_instead_of_using_it(trained, capsys):
-    from nikl_ray.features import feature_dir, features_stage
+def test_a_stage_recomputes_a_truncated_feature_file_instead_of_using_it(stacked, caplog):
+    from nikl_ray.stages import features
 
-    exp, rows, folds, test, _ = trained
-    features_stage(exp, rows, folds, test)
-    target = feature_dir(exp, "tfidf-lr", 0) / "oof_probs.npy"
+    exp, data, _ = stacked
+    target = exp.layout.features("tfidf-lr", 0) / "oof_probs.npy"
     before = np.load(target, allow_pickle=False)
     target.write_bytes(target.read_bytes()[:100])
-    features_stage(exp, rows, folds, test)
-    assert "oof_probs.npy was truncated or altered" in capsys.readouterr().out
+    with caplog.at_level("INFO", logger="nikl_ray"):
+        features.run(exp, data)
+    assert "oof_probs.npy was truncated or altered" in caplog.text
     np.testing.assert_array_equal(np.load(target, allow_pickle=False), before)
 
 
@@ -112,7 +113,7 @@ def _registered_checkpoint(run_dir: Path) -> bool:
 def _resumed(history: list[dict]) -> bool:
     """True when the process that wrote the run's last epochs started from a checkpoint (each
     evaluation logs the step its process started from) and every epoch was evaluated exactly once."""
-    epochs = [h["epoch"] for h in history if "eval_micro_f1" in h]
+    epochs = [h["epoch"] for h in history if "eval_score" in h]
     starts = [h["resumed_from_step"] for h in history if "resumed_from_step" in h]
     return epochs == sorted(set(epochs)) and any(s > 0 for s in starts)
 
@@ -122,20 +123,16 @@ def test_a_worker_killed_mid_run_is_retried_and_the_run_completes(tmp_path, tiny
     import psutil
     from ray.util.state import list_actors
 
+    from conftest import setup_run
     from nikl_ray.cluster import api_server
-    from nikl_ray.config import load_experiment
-    from nikl_ray.folds import split_stage
-    from nikl_ray.pipeline import load_inputs
-    from nikl_ray.train import train_stage
+    from nikl_ray.stages import train
 
-    exp = load_experiment(_config(tmp_path, tiny_backbones))
-    rows, _ = load_inputs(exp)
-    folds = split_stage(exp, rows)
+    exp, data = setup_run(yaml.safe_load(_config(tmp_path, tiny_backbones).read_text()))
     outcome = {}
-    thread = threading.Thread(target=lambda: outcome.setdefault("summary", train_stage(exp, rows, folds)))
+    thread = threading.Thread(target=lambda: outcome.setdefault("summary", train.run(exp, data)))
     thread.start()
     deadline = time.time() + 300
-    while time.time() < deadline and not _registered_checkpoint(pair_dir(exp, "neox", 0)):
+    while time.time() < deadline and not _registered_checkpoint(exp.layout.pair("neox", 0)):
         time.sleep(0.2)
     # this Ray instance's Train workers only (other tests may run their own Ray beside it)
     workers = list_actors(address=api_server(), filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
@@ -144,9 +141,9 @@ def test_a_worker_killed_mid_run_is_retried_and_the_run_completes(tmp_path, tiny
         psutil.Process(w.pid).kill()
     thread.join(600)
     assert "summary" in outcome
-    m = load_manifest(pair_dir(exp, "neox", 0))
+    m = load_manifest(exp.layout.pair("neox", 0))
     assert m["epochs_run"] == 4
-    assert _resumed(read_history(_checkpoints(pair_dir(exp, "neox", 0))[-1])), "the retried worker started over"
+    assert _resumed(read_history(_checkpoints(exp.layout.pair("neox", 0))[-1])), "the retried worker started over"
 
 
 @pytest.mark.slow
@@ -156,45 +153,42 @@ def test_a_killed_driver_resumes_without_retraining_and_matches_an_uninterrupted
     that was never interrupted (CPU training with fixed seeds is deterministic)."""
     from safetensors.numpy import load_file
 
-    from nikl_ray.config import load_experiment
-    from nikl_ray.folds import split_stage
-    from nikl_ray.pipeline import load_inputs
-    from nikl_ray.train import train_stage
+    from conftest import setup_run
+    from nikl_ray.stages import train
 
     config = _config(tmp_path, tiny_backbones)
-    exp = load_experiment(config)
+    exp, data = setup_run(yaml.safe_load(config.read_text()))
+    pair = exp.layout.pair
     cmd = [sys.executable, "-m", "nikl_ray.cli", "train", "--config", str(config), "--local", "--num-cpus", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:  # one CPU: fold 0 trains to the end, then fold 1 starts; kill once fold 1 has a checkpoint
         deadline = time.time() + 400
-        while time.time() < deadline and not (_registered_checkpoint(pair_dir(exp, "neox", 1))
-                                               and (pair_dir(exp, "neox", 0) / "manifest.json").exists()):
+        while time.time() < deadline and not (_registered_checkpoint(pair("neox", 1))
+                                               and (pair("neox", 0) / "manifest.json").exists()):
             assert proc.poll() is None, "training ended before it could be killed"
             time.sleep(0.2)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert not (pair_dir(exp, "neox", 1) / "manifest.json").exists(), "fold 1 finished before the kill"
-    fold0 = (pair_dir(exp, "neox", 0) / "manifest.json").read_text()
+    assert not (pair("neox", 1) / "manifest.json").exists(), "fold 1 finished before the kill"
+    fold0 = (pair("neox", 0) / "manifest.json").read_text()
 
-    rows, _ = load_inputs(exp)
-    folds = split_stage(exp, rows)
-    summary = train_stage(exp, rows, folds)
-    status = {r.split(",")[1]: r.split(",")[-1] for r in summary.read_text().splitlines()[1:]}
+    summary = train.run(exp, data)
+    status = {r["fold"]: r["status"] for r in csv.DictReader(open(summary))}
     assert status == {"0": "skipped (done)", "1": "trained"}
-    assert (pair_dir(exp, "neox", 0) / "manifest.json").read_text() == fold0
-    resumed = load_manifest(pair_dir(exp, "neox", 1))
-    latest = _checkpoints(pair_dir(exp, "neox", 1))[-1]
+    assert (pair("neox", 0) / "manifest.json").read_text() == fold0
+    resumed = load_manifest(pair("neox", 1))
+    latest = _checkpoints(pair("neox", 1))[-1]
     assert _resumed(read_history(latest)), "fold 1 started over instead of resuming"
 
-    reference = load_experiment(_config(tmp_path, tiny_backbones, "ref.yaml", "ref"))
-    ref_folds = split_stage(reference, rows)
-    shutil.copytree(pair_dir(exp, "neox", 0), pair_dir(reference, "neox", 0))  # only fold 1 is compared
-    train_stage(reference, rows, ref_folds)
-    ref = load_manifest(pair_dir(reference, "neox", 1))
-    a = load_file(str(pair_dir(exp, "neox", 1) / resumed["best_checkpoint"] / "adapter_model.safetensors"))
-    b = load_file(str(pair_dir(reference, "neox", 1) / ref["best_checkpoint"] / "adapter_model.safetensors"))
+    reference, ref_data = setup_run(yaml.safe_load(_config(tmp_path, tiny_backbones, "ref.yaml", "ref").read_text()))
+    ref_pair = reference.layout.pair
+    shutil.copytree(pair("neox", 0), ref_pair("neox", 0))  # only fold 1 is compared
+    train.run(reference, ref_data)
+    ref = load_manifest(ref_pair("neox", 1))
+    a = load_file(str(pair("neox", 1) / resumed["best_checkpoint"] / "adapter_model.safetensors"))
+    b = load_file(str(ref_pair("neox", 1) / ref["best_checkpoint"] / "adapter_model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
         np.testing.assert_allclose(a[k], b[k], atol=1e-5, err_msg=k)
-    assert resumed["micro_f1"] == pytest.approx(ref["micro_f1"], abs=1e-6)
+    assert resumed["heldout_micro_f1"] == pytest.approx(ref["heldout_micro_f1"], abs=1e-6)

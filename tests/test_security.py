@@ -7,7 +7,7 @@ from pathlib import Path
 
 from nikl_ray.backbones import BackboneSpec
 
-SOURCES = sorted((Path(__file__).resolve().parents[1] / "nikl_ray").glob("*.py"))
+SOURCES = sorted((Path(__file__).resolve().parents[1] / "nikl_ray").rglob("*.py"))
 
 
 def test_no_pickle_and_no_unsafe_torch_load_in_the_package():

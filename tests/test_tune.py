@@ -1,4 +1,5 @@
-"""Ray Tune + Optuna over a tiny GPT-NeoX in LoRA mode: search, early stopping, kill and resume."""
+"""Ray Tune + Optuna over a tiny GPT-NeoX in LoRA mode: search spaces, ASHA, kill and resume, and a
+pipeline with a search that does nothing twice."""
 
 import json
 import os
@@ -12,18 +13,19 @@ import pytest
 import yaml
 
 from conftest import DEMO_DIR
-from nikl_ray.config import ConfigError, load_experiment, parse_experiment
-from nikl_ray.tune import load_search_space
+from nikl_ray.config import ConfigError, load_experiment
+from nikl_ray.search_space import load_search_space, memory_corner
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _experiment_file(tmp_path, tiny_backbones, epochs: int = 4) -> Path:
-    cfg = {"task": "nikl-emotion", "train": str(DEMO_DIR / "train.jsonl"), "results": str(tmp_path / "res"),
-           "folds": {"k": 2, "seed": 0},
+def _experiment_file(tmp_path, tiny_backbones, epochs: int = 2, **search) -> Path:
+    cfg = {"task": "nikl-emotion", "train": str(DEMO_DIR / "train.jsonl"), "test": str(DEMO_DIR / "test.jsonl"),
+           "results": str(tmp_path / "res"), "folds": {"k": 2, "seed": 0},
            "backbones": [{"name": "neox", "checkpoint": str(tiny_backbones["gpt_neox"]), "mode": "lora",
                           "epochs": epochs, "early_stopping_patience": 10, "batch_size": 16, "max_length": 40}],
-           "search_spaces": {"neox": str(REPO / "search_spaces" / "tiny_decoder_lora.yaml")}}
+           "search_spaces": {"neox": str(REPO / "search_spaces" / "tiny_decoder_lora.yaml")},
+           "search": search, "ensemble": {"hidden_sizes": [16], "inner_folds": 2, "epochs": 20, "patience": 5}}
     path = tmp_path / "exp.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -35,8 +37,9 @@ def _experiment_file(tmp_path, tiny_backbones, epochs: int = 4) -> Path:
     ({"lr": {"loguniform": {"low": 0.0, "high": 1e-3}}}, "empty or not positive"),
     ({"lr": {"uniform": {"low": 1e-3, "high": 1e-4}}}, "empty or not positive"),
     ({"lora_r": {"choice": [0, 8]}}, "lora_r: value 0 is invalid"),
-    ({"lr": {"normal": [0, 1]}}, "expected one of"),
+    ({"lr": {"normal": [0, 1]}}, "lr: .*normal"),
     ({"lora_r": {"choice": []}}, "non-empty list"),
+    ({"lr": {"uniform": {"low": 1e-3}}}, "lr: .*high"),
 ])
 def test_bad_search_spaces_are_refused_with_the_key(tmp_path, tiny_backbones, space, message):
     exp = load_experiment(_experiment_file(tmp_path, tiny_backbones))
@@ -46,10 +49,12 @@ def test_bad_search_spaces_are_refused_with_the_key(tmp_path, tiny_backbones, sp
         load_search_space(path, exp.backbones[0])
 
 
-def test_shipped_search_spaces_load(tiny_backbones, tmp_path):
+def test_shipped_search_spaces_load_and_a_search_is_planned_at_its_hungriest_corner(tiny_backbones, tmp_path):
     exp = load_experiment(_experiment_file(tmp_path, tiny_backbones))
     for path in (REPO / "search_spaces").glob("*.yaml"):
         assert load_search_space(path, exp.backbones[0])
+    corner = memory_corner(exp.backbones[0], load_search_space(REPO / "search_spaces" / "decoder_lora.yaml", exp.backbones[0]))
+    assert corner.lora_r == 128 and corner.batch_size == exp.backbones[0].batch_size
 
 
 def _terminated_in_saved_state(search: Path) -> set[str]:
@@ -68,19 +73,18 @@ def _terminated_in_saved_state(search: Path) -> set[str]:
 
 
 def _trial_dirs(search: Path) -> list[Path]:
-    return sorted(search.glob("tune_trial_*")) if search.exists() else []
+    return sorted(search.glob("trial_*")) if search.exists() else []
 
 
 @pytest.mark.slow
 def test_a_killed_search_resumes_without_rerunning_finished_trials(tmp_path, tiny_backbones, ray_local):
-    from nikl_ray.folds import split_stage
-    from nikl_ray.pipeline import load_inputs
-    from nikl_ray.tune import tune_stage
+    from conftest import setup_run
+    from nikl_ray.config import apply_tuned
+    from nikl_ray.stages import tune
 
-    config = _experiment_file(tmp_path, tiny_backbones, epochs=2)
+    config = _experiment_file(tmp_path, tiny_backbones, epochs=1, num_samples=2, max_concurrent=1, seed=3)
     search = tmp_path / "res" / "tune" / "neox" / "search"
-    cmd = [sys.executable, "-m", "nikl_ray.cli", "tune", "--config", str(config), "--local", "--num-cpus", "2",
-           "--num-samples", "3", "--seed", "3"]
+    cmd = [sys.executable, "-m", "nikl_ray.cli", "tune", "--config", str(config), "--local", "--num-cpus", "2"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 400
@@ -91,39 +95,30 @@ def test_a_killed_search_resumes_without_rerunning_finished_trials(tmp_path, tin
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray instance it started
         proc.wait()
     finished_ids = _terminated_in_saved_state(search)
-    finished = {d.name: (d / "result.json").read_text() for d in _trial_dirs(search) if d.name.split("_")[2] in finished_ids}
+    finished = {d.name: (d / "result.json").read_text() for d in _trial_dirs(search) if d.name.split("_")[1] in finished_ids}
     assert finished, "no trial finished before the kill"
+    assert not (search.parent / "manifest.json").exists()
 
-    exp = load_experiment(config)
-    rows, _ = load_inputs(exp)
-    folds = split_stage(exp, rows)
-    with pytest.raises(ConfigError, match="--resume"):
-        tune_stage(exp, rows, folds, "neox", num_samples=3)  # never silently starts over
-    best_path = tune_stage(exp, rows, folds, "neox", resume=True)
-
-    dirs = _trial_dirs(search)
-    assert len(dirs) == 3
+    exp, data = setup_run(yaml.safe_load(config.read_text()))
+    best_path = tune.run(exp, data, "neox")  # the same search: resumed, not started over
+    assert len(_trial_dirs(search)) == 2
     for name, before in finished.items():  # finished trials were not run again
         assert (search / name / "result.json").read_text() == before
     board = list(csv_rows(best_path.parent / "leaderboard.csv"))
-    assert len(board) == 3 and {"lora_r", "lr", "best_micro_f1", "epochs_run", "stopped_early"} <= set(board[0])
+    assert len(board) == 2 and {"lora_r", "lr", "best selection score", "epochs_run", "stopped_early"} <= set(board[0])
     # a trial cut off by the kill is rerun and reports its epochs (a resumed Train run replays the earlier ones)
-    assert all(b["best_micro_f1"] != "nan" and int(b["epochs_run"]) >= 1 and not b["stopped_early"].startswith("error")
+    assert all(b["best selection score"] and int(b["epochs_run"]) >= 1 and not b["stopped_early"].startswith("error")
                for b in board), board
     assert (best_path.parent / "optuna.db").exists()
-
     best = yaml.safe_load(best_path.read_text())
     assert set(best) == {"lora_r", "lr"}
-    spec = load_experiment(config).backbones[0]  # later stages (train) pick the tuned values up
+    spec = apply_tuned(exp).backbones[0]  # later stages (train) pick the tuned values up
     assert (spec.lora_r, spec.lr) == (best["lora_r"], best["lr"])
-    raw = yaml.safe_load(config.read_text())
-    raw["backbones"][0]["lora_r"] = 4  # a value the experiment sets itself still wins
-    assert parse_experiment(raw, tmp_path).backbones[0].lora_r == 4
 
 
 def test_a_ray_instance_without_its_dashboard_reports_no_state_api():
     """Ray Train frees a stopped trial's resources only through the state API: without it a search
-    would hang once stopped trials hold the cluster, so tune_stage refuses to start on this report."""
+    would hang once stopped trials hold the cluster, so the tune stage refuses to start on this report."""
     code = ("from nikl_ray.cluster import connect, state_api_problem; connect(local=True, num_cpus=1, dashboard=False); "
             "print('PROBLEM', state_api_problem())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
@@ -131,22 +126,38 @@ def test_a_ray_instance_without_its_dashboard_reports_no_state_api():
 
 
 @pytest.mark.slow
-def test_asha_stops_a_trial_that_trails_at_a_rung(tmp_path, tiny_backbones, ray_local):
-    """A schedule built to show pruning: trials one at a time (so the order they reach each rung is
-    fixed by the seeded sampler), a rung every epoch, ranked by held-out loss (never tied)."""
-    from nikl_ray.folds import split_stage
-    from nikl_ray.pipeline import load_inputs
-    from nikl_ray.tune import tune_stage
+def test_pipeline_with_tune_run_twice_searches_and_trains_once(tmp_path, tiny_backbones, ray_local, caplog):
+    """The first run searches (ASHA stops trials that trail at a rung: trials one at a time, so the
+    seeded sampler fixes who reaches each rung first, ranked by held-out loss, never tied), trains
+    with the tuned values, and submits; the second run finds every stage done."""
+    from nikl_ray.cluster import api_server
+    from nikl_ray.config import load_experiment
+    from nikl_ray.pipeline import run_pipeline
+    from nikl_ray.status import train_runs
 
-    exp = load_experiment(_experiment_file(tmp_path, tiny_backbones, epochs=2))
-    rows, _ = load_inputs(exp)
-    best_path = tune_stage(exp, rows, split_stage(exp, rows), "neox", num_samples=4, prune_metric="eval_loss",
-                           grace_period=1, seed=3, max_concurrent=1)
-    board = list(csv_rows(best_path.parent / "leaderboard.csv"))
+    config = _experiment_file(tmp_path, tiny_backbones, epochs=2, num_samples=4, max_concurrent=1, seed=3,
+                              prune_metric="eval_loss", grace_period=1)
+    run_pipeline(load_experiment(config), tune=True)
+    tune_dir = tmp_path / "res" / "tune" / "neox"
+    board = list(csv_rows(tune_dir / "leaderboard.csv"))
     stopped = [b for b in board if b["stopped_early"] == "asha"]
-    assert stopped, board
-    assert all(int(b["epochs_run"]) == 1 for b in stopped), board  # at the first rung
+    assert len(board) == 4 and any(int(b["epochs_run"]) == 1 for b in stopped), board  # one pruned at the first rung
     assert any(b["stopped_early"] == "" and int(b["epochs_run"]) == 2 for b in board), board  # not everything stopped
+    best = yaml.safe_load((tune_dir / "best_config.yaml").read_text())
+    trained = json.loads((tmp_path / "res" / "train" / "neox-fold0" / "manifest.json").read_text())
+    assert trained["inputs"]["backbone"]["lr"] == best["lr"]  # the tuned values were trained
+    # the dashboard names each trial's Train run by backbone and sampled values
+    names = {r["name"] for r in train_runs(api_server())}
+    assert sum(n.startswith("neox-lora_r=") and ",lr=" in n for n in names) == 4, names
+
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "res").rglob("manifest.json")}
+    t0 = time.time()
+    with caplog.at_level("INFO", logger="nikl_ray"):
+        run_pipeline(load_experiment(config), tune=True)
+    assert time.time() - t0 < 60
+    assert "tune neox: done already" in caplog.text and "ensemble: done already" in caplog.text
+    assert "→ training" not in caplog.text and "→ computing" not in caplog.text
+    assert stamps == {p: p.stat().st_mtime_ns for p in (tmp_path / "res").rglob("manifest.json")}
 
 
 def csv_rows(path):

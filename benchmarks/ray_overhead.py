@@ -1,0 +1,136 @@
+"""What one fold×backbone Ray Train run costs beyond its training function, and where it goes.
+
+    python benchmarks/ray_overhead.py                  # 3 runs per setting, one at a time, on a local Ray
+    python benchmarks/ray_overhead.py --runs 5 --out results/ray_overhead
+
+Each run is the project's own FoldRun (a tiny GPT-NeoX in LoRA, 1 epoch on 120 demo rows), fitted
+by `launcher.fit_run` under two settings, alternated so that machine noise hits both alike:
+
+- `before`: how runs were launched until this change: TorchTrainer (a torch process group even
+  for one worker, so HF wraps the model in DDP), Ray Train's defaults (its controller polls every
+  2 s, a preemption watcher actor per run), bitsandbytes imported by peft in every worker;
+- `after`: DataParallelTrainer with Ray's plain backend (no process group, no DDP), the
+  controller polling every 0.25 s, no preemption watcher, bitsandbytes not imported unless the
+  run quantizes.
+
+Per run it itemises: `start` (fit() called → training function running: controller and worker
+actors, placement group, worker group set-up), `imports` (function start → model loaded),
+`train` (model loaded → last epoch evaluated), `finish` (→ function returned: checkpoint,
+held-out prediction) and `teardown` (→ fit() returned). Writes ray_overhead.json / .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# Ray Train's defaults, which the project's RAY_ENV (cluster.py) changes
+BEFORE_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2.0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}
+SETTINGS = ("before", "after")
+
+
+def train_fold_before(config: dict) -> None:
+    """The worker as it was: nothing kept out of its imports (peft imported bitsandbytes in every
+    worker, quantizing or not)."""
+    import nikl_ray.worker as worker
+
+    worker.quiet_worker = lambda needs_bitsandbytes: None
+    worker.train_fold(config)
+
+
+def before_trainer(run):
+    from ray.train.torch import TorchTrainer
+
+    from nikl_ray.launcher import run_config, scaling_config
+
+    return TorchTrainer(train_fold_before, train_loop_config={"run": run}, scaling_config=scaling_config(run),
+                        run_config=run_config(run))
+
+
+def one_run(run, setting: str) -> dict:
+    """In a Ray task (the driver of the Train run, like the train stage's launcher)."""
+    from nikl_ray.launcher import fit_run
+    from nikl_ray.worker import FINAL
+
+    t0 = time.time()
+    env = {k: os.environ.get(k) for k in BEFORE_ENV}
+    if setting == "before":
+        os.environ.update(BEFORE_ENV)
+    try:
+        fit_run(run, before_trainer(run) if setting == "before" else None)
+    finally:
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    t_end = time.time()
+    final = json.loads((Path(run.storage) / run.name / FINAL).read_text())
+    clock = final["clock"]
+    return {"setting": setting, "start": clock["fn_start"] - t0, "imports": clock["model_loaded"] - clock["fn_start"],
+            "train": clock["trained"] - clock["model_loaded"], "finish": clock["fn_end"] - clock["trained"],
+            "teardown": t_end - clock["fn_end"], "wall": t_end - t0, "in_function": clock["fn_end"] - clock["fn_start"]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3, help="runs per setting")
+    ap.add_argument("--out", default=str(REPO / "results" / "ray_overhead"))
+    args = ap.parse_args(argv)
+
+    import ray
+
+    from nikl_ray.artifacts import write_json, write_text
+    from nikl_ray.cluster import connect
+    from nikl_ray.config import parse_experiment, prepare
+    from nikl_ray.folds import fold_positions
+    from nikl_ray.inputs import load_inputs
+    from nikl_ray.placement import Placement
+    from nikl_ray.runspec import Device, RowsPayload, fold_run
+    from nikl_ray.stages import split
+    from nikl_ray.tables import markdown
+
+    out = Path(args.out)
+    exp = parse_experiment({
+        "task": "nikl-emotion", "train": str(REPO / "nikl_ray" / "demo_data" / "train.jsonl"), "results": str(out),
+        "folds": {"k": 2, "seed": 0}, "classical": False,
+        "backbones": [{"name": "neox", "checkpoint": "tiny:gpt_neox", "mode": "lora", "epochs": 1, "lr": 5e-3,
+                       "batch_size": 16, "max_length": 40}]}, REPO, "benchmark")
+    data = load_inputs(exp)
+    data.rows = data.rows.take(range(120))
+    folds = split.run(exp, data.rows)
+    exp = prepare(exp)
+    connect(local=True, num_cpus=2)
+    payload = ray.put(RowsPayload.of(data.rows))
+    runner = ray.remote(num_cpus=0)(one_run)
+    rows = []
+    for i in range(args.runs):
+        for setting in SETTINGS:  # alternated: noise hits both alike
+            run = fold_run(exp, exp.backbones[0], 0, fold_positions(data.rows, folds, 0), payload,
+                           Placement("neox", 0.1, 0, 0.0, 1.0), Device(False, "cpu"),
+                           name=f"{setting}-{i}", storage=str(out / "runs"))
+            rows.append(ray.get(runner.remote(run, setting)))
+            print(f"{setting} run {i}: " + ", ".join(f"{k} {v:.1f} s" for k, v in rows[-1].items() if k != "setting"),
+                  flush=True)
+    phases = ["start", "imports", "train", "finish", "teardown", "wall", "in_function"]
+    summary = [{"setting": s, **{p: statistics.median(r[p] for r in rows if r["setting"] == s) for p in phases},
+                "overhead (wall − in function)": statistics.median(r["wall"] - r["in_function"] for r in rows if r["setting"] == s)}
+               for s in SETTINGS]
+    write_json(out / "ray_overhead.json", {"runs": rows, "median": summary})
+    text = (f"# Ray Train cost per run ({args.runs} runs per setting, alternated, one at a time, 2 CPUs)\n\n"
+            "Medians in seconds.\n\n" + markdown(summary))
+    write_text(out / "ray_overhead.md", text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""Where every artifact of a run lives: the one place that builds a results path.
+
+    <results>/
+      split/            folds.json (held-out and selection ids per fold) + manifest
+      tiny_backbones/   tiny random-init checkpoints built for `tiny:<kind>` backbones
+      tune/<backbone>/  the Tune search, optuna.db, leaderboard, best_config.yaml, manifest
+      train/<backbone>-fold<k>/   one Ray Train run: checkpoints, manifest (Ray's run name)
+      train/summary.{csv,md}
+      features/<member>/fold<k>/  out-of-fold and test features of one fold model, manifest
+      ensemble/         heads, report, decision.json, submission, submissions/<candidate>.*
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Layout:
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root).expanduser().resolve())
+
+    # split
+    @property
+    def split(self) -> Path:
+        return self.root / "split"
+
+    @property
+    def folds(self) -> Path:
+        return self.split / "folds.json"
+
+    # tiny backbones
+    def tiny(self, kind: str) -> Path:
+        return self.root / "tiny_backbones" / kind
+
+    # tune
+    def tune(self, backbone: str) -> Path:
+        return self.root / "tune" / backbone
+
+    def best_config(self, backbone: str) -> Path:
+        return self.tune(backbone) / "best_config.yaml"
+
+    # train
+    @property
+    def train(self) -> Path:
+        return self.root / "train"
+
+    @staticmethod
+    def run_name(backbone: str, fold: int) -> str:
+        """Ray Train's name for a fold run (what the dashboard lists)."""
+        return f"{backbone}-fold{fold}"
+
+    def pair(self, backbone: str, fold: int) -> Path:
+        return self.train / self.run_name(backbone, fold)
+
+    @property
+    def train_summary(self) -> Path:
+        return self.train / "summary.csv"
+
+    # features
+    @property
+    def features_root(self) -> Path:
+        return self.root / "features"
+
+    def features(self, member: str, fold: int) -> Path:
+        return self.features_root / member / f"fold{fold}"
+
+    # ensemble
+    @property
+    def ensemble(self) -> Path:
+        return self.root / "ensemble"
+
+    @property
+    def heads(self) -> Path:
+        return self.ensemble / "heads"
+
+    @property
+    def report(self) -> Path:
+        return self.ensemble / "report.md"
+
+    @property
+    def decision(self) -> Path:
+        return self.ensemble / "decision.json"
+
+    def submission(self, suffix: str) -> Path:
+        return self.ensemble / f"submission{suffix}"
+
+    def candidate_submission(self, name: str, suffix: str) -> Path:
+        return self.ensemble / "submissions" / f"{name}{suffix}"
+
+    def stages(self) -> dict[str, Path]:
+        """Each stage's folder that holds (or whose children hold) its manifests, in pipeline order."""
+        return {"split": self.split, "tune": self.root / "tune", "train": self.train, "features": self.features_root,
+                "ensemble": self.ensemble}

@@ -1,0 +1,114 @@
+"""A FoldRun: one (backbone, fold) resolved once — device, precision, gradient checkpointing,
+memory cap, Ray resources, which rows train, choose the epoch and are held out — and typed,
+because it crosses into Ray Train workers and Tune trials.
+
+Train, tune and features build their runs here, so the same backbone always runs the same way.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from nikl_ray.backbones import BackboneSpec
+from nikl_ray.data import Rows, TextRows
+from nikl_ray.placement import Placement
+from nikl_ray.tasks import TaskSpec
+
+HF_CHECKPOINT = "checkpoint"  # the HF checkpoint folder inside a Ray checkpoint (RayTrainReportCallback)
+SELECT_METRIC = "eval_score"  # a run's score on its selection slice (decision.selection_score), as Ray and Tune see it
+
+
+@dataclass(frozen=True)
+class RowsPayload:
+    """What workers need of the labelled rows (put into Ray's object store once per stage)."""
+
+    ids: list[str]
+    inputs: TextRows
+    labels: np.ndarray
+
+    @classmethod
+    def of(cls, rows: Rows) -> "RowsPayload":
+        return cls(rows.ids, rows.inputs(), rows.labels)
+
+
+@dataclass(frozen=True)
+class Device:
+    """How a stage's trials run, resolved once from the experiment and the cluster."""
+
+    schedule_gpu: bool  # ask Ray for card shares
+    device: str  # "cuda" only where the cards are real CUDA devices ("cpu" on a simulated GPU cluster)
+    bf16: bool = False
+
+    @classmethod
+    def resolve(cls, use_gpu: bool | None, gpus: float, cards: list) -> "Device":
+        schedule = use_gpu if use_gpu is not None else gpus > 0
+        real = schedule and bool(cards) and all(c.cuda for c in cards)
+        return cls(schedule, "cuda" if real else "cpu", real and all(c.bf16 for c in cards))
+
+    def precision(self, spec: BackboneSpec) -> str:
+        if self.device != "cuda":
+            return "fp32"
+        if spec.precision == "auto":
+            return "bf16" if self.bf16 else "fp16"
+        return spec.precision
+
+    def gradient_checkpointing(self, spec: BackboneSpec) -> bool:
+        if spec.gradient_checkpointing is not None:
+            return spec.gradient_checkpointing
+        return self.device == "cuda" and spec.family == "decoder"
+
+
+@dataclass(frozen=True)
+class FoldRun:
+    backbone: BackboneSpec
+    task: TaskSpec
+    fold: int
+    name: str  # Ray Train's run name (the dashboard lists it)
+    storage: str  # Ray Train's storage path: the run lives in <storage>/<name>
+    data: Any  # ObjectRef of a RowsPayload (or the payload itself)
+    train_idx: np.ndarray
+    select_idx: np.ndarray  # chooses the epoch; empty: train every epoch, keep the last
+    heldout_idx: np.ndarray
+    device: str
+    precision: str
+    gradient_checkpointing: bool
+    placement: Placement
+    max_failures: int
+    predict_heldout: bool = True  # score the held-out fold once at the end (not in tune trials)
+    tags: dict = field(default_factory=dict)
+
+    @property
+    def memory_fraction(self) -> float | None:
+        return self.placement.memory_fraction if self.device == "cuda" else None
+
+    @property
+    def estimate_gb(self) -> float:
+        return self.placement.estimate_gb
+
+    @property
+    def schedule_gpu(self) -> bool:
+        return self.placement.gpu_share > 0
+
+
+def fold_run(exp, spec: BackboneSpec, fold: int, positions: tuple, data, placement: Placement, device: Device, *,
+             name: str, storage: str, predict_heldout: bool = True) -> FoldRun:
+    """The run of `spec` on `fold`; `positions` = (train, selection, held-out) row positions."""
+    train, select, held = positions
+    return FoldRun(spec, exp.task, fold, name, storage, data, train, select, held, device.device, device.precision(spec),
+                   device.gradient_checkpointing(spec), placement, exp.resources.max_failures, predict_heldout)
+
+
+def held_out_hash(folds: dict, fold: int) -> str:
+    """What a fold model depends on besides its spec and data: which ids it held out and selected on."""
+    text = "\n".join(folds["folds"][fold]) + "\n#select\n" + "\n".join(folds["select"][fold])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def assign(keys: list[str], k: int, salt: str) -> np.ndarray:
+    """A stable choice among k for each row key (which fold model, which inner fold answers for a
+    test row): the same row always goes the same way, and rows spread evenly."""
+    return np.array([int(hashlib.sha256(f"{salt}:{key}".encode()).hexdigest()[:12], 16) % k for key in keys], dtype=int)

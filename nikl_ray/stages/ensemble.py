@@ -1,0 +1,229 @@
+"""The ensemble stage: stack the members, compare every candidate honestly, submit the best.
+
+1. Each member's out-of-fold and test features (features stage) are loaded by row id. Members
+   with a degenerate fold model (train table) are left out of every ensemble, and say so.
+2. Heads (stacking.py) train with an inner K-fold, one named Ray task per
+   (stack × hidden size × inner fold), all at once; each stops early on a slice of its own rows.
+3. Every candidate — each member, probability averaging, majority voting, both stacks — and
+   each hidden size is scored with each decision rule *cross-fitted* over the inner folds
+   (decision.py). The submitted candidate and its rule are the best by those scores only.
+4. Test rows go through exactly that procedure (`stacking.candidate_probs`, the same function
+   that gave the out-of-fold probabilities); the submission is written in the task's format,
+   and so is every candidate's own prediction, under `submissions/`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from nikl_ray.artifacts import atomic_path, manifest_problem, sha256_file, write_json, write_manifest, write_text
+from nikl_ray.config import Experiment
+from nikl_ray.data import write_predictions
+from nikl_ray.decision import best_rule, crossfit, decide, score_rules
+from nikl_ray.inputs import Inputs
+from nikl_ray.folds import stratified_folds
+from nikl_ray.members import degenerate_members, load_member, member_names
+from nikl_ray.metrics import metric_name, per_label_table, scores
+from nikl_ray.runspec import assign
+from nikl_ray.stacking import SIMPLE, STACKS, HeadJob, Heads, candidate_probs, stack_matrix, train_head
+from nikl_ray.tables import markdown
+
+log = logging.getLogger(__name__)
+
+
+def submission_suffix(exp: Experiment) -> str:
+    return ".txt" if exp.task.format == "tsv" else ".jsonl"
+
+
+def _train_heads(exp: Experiment, stage, xs: dict[str, np.ndarray], y: np.ndarray, inner: np.ndarray) -> dict[str, Heads]:
+    """All heads of every stack as parallel Ray tasks; {stack: Heads}."""
+    import ray
+    from tqdm import tqdm
+
+    from nikl_ray.placement import place
+
+    cfg, multi = exp.ensemble, exp.task.multi_label
+    biggest = max(x.nbytes for x in xs.values())
+    p = place("heads", 3 * biggest + 64 * 2**20, budget_gb=stage.budget_gb, physical_gb=stage.shape.physical_gb,
+              use_gpu=stage.device.schedule_gpu, cpus=1, max_trials_per_card=exp.resources.max_trials_per_card)
+    remote = ray.remote(num_cpus=p.cpus, num_gpus=p.gpu_share)(train_head)
+    y_ref, refs = ray.put(y), []
+    for stack, x in xs.items():
+        x_ref = ray.put(x)
+        for h in cfg.hidden_sizes:
+            for j in range(cfg.inner_folds):
+                job = HeadJob(stack, h, j, np.flatnonzero(inner != j), cfg.seed + j, multi, cfg.epochs, cfg.patience,
+                              cfg.early_stopping, cfg.dropout, cfg.lr, cfg.batch_size, stage.device.device,
+                              p.memory_fraction)
+                refs.append(remote.options(name=f"head {stack} h{h} inner{j}").remote(job, x_ref, y_ref))
+    log.info("ensemble: %d heads (%s × %d hidden sizes × %d inner folds)", len(refs), " and ".join(xs),
+             len(cfg.hidden_sizes), cfg.inner_folds)
+    done, pending = [], list(refs)
+    with tqdm(total=len(refs), desc="heads", disable=not sys.stderr.isatty()) as bar:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            done.append(ray.get(ready[0]))
+            bar.update(1)
+    heads = {}
+    for stack, x in xs.items():
+        states = {(r["hidden"], r["inner_fold"]): r["state"] for r in done if r["stack"] == stack}
+        heads[stack] = Heads(stack, states, x.mean(0), x.std(0) + 1e-6, y.shape[1], multi)
+    heads["_runs"] = [{k: r[k] for k in ("stack", "hidden", "inner_fold", "best_epoch", "stop_loss", "start", "end")}
+                      for r in done]
+    return heads
+
+
+def run(exp: Experiment, data: Inputs) -> Path:
+    """Train the heads, compare the candidates, write report, plot and submissions. Returns the report path."""
+    from nikl_ray.cluster import plan_stage
+
+    layout, folds, rows, test = exp.layout, data.folds(exp), data.rows, data.test
+    k, cfg, task, y = folds["k"], exp.ensemble, exp.task, rows.labels
+    members = member_names(exp)
+    inputs = {"features": {f"{m}/fold{f}": sha256_file(layout.features(m, f) / "manifest.json")
+                           for m in members for f in range(k)},
+              "ensemble": cfg.model_dump(), "task": task.model_dump(mode="json")}
+    if manifest_problem(layout.ensemble, inputs) is None:
+        log.info("ensemble: done already (%s)", layout.ensemble)
+        return layout.report
+    loaded = {m: load_member(layout, m, k, rows.ids, test.ids if test is not None else None) for m in members}
+    dead = degenerate_members(layout, [b.name for b in exp.backbones], k)
+    for m, reasons in dead.items():
+        log.warning("ensemble: %s is left out of every ensemble: degenerate fold model(s): %s", m, "; ".join(reasons))
+    active = [m for m in members if m not in dead]
+    if not active:
+        raise RuntimeError(f"every member is degenerate: {dead}")
+
+    inner = np.zeros(len(rows), dtype=int)
+    for j, held in enumerate(stratified_folds(y, task.multi_label, cfg.inner_folds, cfg.seed)):
+        inner[held] = j
+    oof = {m: (f.oof_hidden, f.oof_probs) for m, f in loaded.items()}
+    stacks = [s for s, hidden in STACKS.items() if not hidden or any(oof[m][0] is not None for m in active)]
+    xs = {s: stack_matrix([oof[m] for m in active], STACKS[s]) for s in stacks}
+    heads = _train_heads(exp, plan_stage(exp, exp.backbones), xs, y, inner)
+    head_runs = heads.pop("_runs")
+
+    # Every row of the comparison, scored with cross-fitted rules; candidates are what may be submitted.
+    candidates = active + (list(SIMPLE) if len(active) > 1 else []) + stacks
+    names = members + [n for n in candidates if n not in members] + [f"{s}@h{h}" for s in stacks for h in cfg.hidden_sizes]
+    oof_probs = {n: candidate_probs(n, oof, active, heads, inner, task.multi_label) for n in names}
+    table = {n: score_rules(oof_probs[n], y, task.multi_label, inner) for n in names}
+    best = {n: best_rule(table[n]) for n in names}
+    score = {n: table[n][best[n]]["crossfit"] for n in names}
+    chosen = max(candidates, key=lambda n: score[n])
+    rule, params = best[chosen], table[chosen][best[chosen]]["params"]
+    oof_decisions = crossfit(oof_probs[chosen], y, rule, inner)
+
+    files = []
+    test_rates = None
+    suffix = submission_suffix(exp)
+    submissions = {}
+    if test is not None:
+        test_inner = assign(test.inputs().keys(), cfg.inner_folds, "inner")
+        test_feats = {m: (f.test_hidden, f.test_probs) for m, f in loaded.items()}
+        for n in candidates:
+            probs = candidate_probs(n, test_feats, active, heads, test_inner, task.multi_label)
+            decisions = decide(probs, best[n], table[n][best[n]]["params"])
+            files.append(write_predictions(test, decisions, layout.candidate_submission(n, suffix)))
+            submissions[n] = files[-1]
+            if n == chosen:
+                test_rates = decisions.mean(0)
+                files.append(write_predictions(test, decisions, layout.submission(suffix)))
+        log.info("ensemble: submission (%s) written to %s", chosen, layout.submission(suffix))
+
+    metric = metric_name(task.multi_label)
+    member_best = max((m for m in active), key=lambda m: score[m])
+    runner_up = max((n for n in candidates if n != chosen), key=lambda n: score[n], default=None)
+    report = {
+        "metric": metric, "rows": len(rows), "members": members, "active_members": active,
+        "degenerate": dead, "features": {s: int(x.shape[1]) for s, x in xs.items()},
+        "table": table, "best_rule": best, "crossfit_score": score, "candidates": candidates,
+        "chosen": {"name": chosen, "rule": rule, "params": params, "score": score[chosen],
+                   "runner_up": runner_up, "runner_up_score": score.get(runner_up),
+                   "best_member": member_best, "best_member_score": score[member_best]},
+        "chosen_oof_scores": scores(y, oof_decisions, task.labels, task.multi_label),
+        "per_label": [{**r, "true_rate": float(t), "oof_predicted_rate": float(o),
+                       "test_predicted_rate": None if test_rates is None else float(tr)}
+                      for r, t, o, tr in zip(per_label_table(y, oof_decisions, task.labels), y.mean(0),
+                                             oof_decisions.mean(0), test_rates if test_rates is not None else y.mean(0))],
+        "selection": {"fold_models": f"epoch chosen on a {exp.folds.selection:.0%} slice of each fold's training rows"
+                      if exp.folds.selection else "no early stopping: the last epoch of each fold model",
+                      "heads": f"early stopping on a {cfg.early_stopping:.0%} slice of each head's training rows (its loss)"
+                      if cfg.early_stopping else f"{cfg.epochs} epochs, no early stopping",
+                      "rules": f"fitted on {cfg.inner_folds - 1} inner folds, applied to the remaining one, in turn",
+                      "test_rows": "each answered by one fold model and one inner fold of heads (a stable hash of the row), "
+                                   "as each out-of-fold row is"},
+        "heads": head_runs,
+        "submissions": {n: str(p.relative_to(layout.ensemble)) for n, p in submissions.items()},
+    }
+    for stack, h in heads.items():
+        files += h.save(layout.heads)
+    files.append(write_json(layout.ensemble / "report.json", report))
+    files.append(write_text(layout.report, report_markdown(report)))
+    files.append(plot_report(report, layout.ensemble / "report.png"))
+    files.append(write_json(layout.decision, {
+        "candidate": chosen, "rule": rule, "params": params, "members": members, "active": active,
+        "stacks": stacks, "hidden_sizes": cfg.hidden_sizes, "inner_folds": cfg.inner_folds, "k": k}))
+    write_manifest(layout.ensemble, inputs=inputs, files=files)
+    log.info("%s", report_markdown(report).split("\n## Per label")[0])
+    return layout.report
+
+
+# ---------------------------------------------------------------------------- report
+def report_markdown(report: dict) -> str:
+    metric, c = report["metric"], report["chosen"]
+    rules = list(next(iter(report["table"].values())))
+    rows = []
+    for name, by_rule in report["table"].items():
+        role = ("submitted" if name == c["name"] else "candidate" if name in report["candidates"]
+                else "left out (degenerate)" if name in report["degenerate"] else "")
+        rows.append({"ensemble": name, **{r: by_rule[r]["crossfit"] for r in rules},
+                     "in-sample, its best rule": by_rule[report["best_rule"][name]]["in_sample"], "role": role})
+    lines = [f"# Ensemble report\n\n{report['rows']} labelled rows; members: {', '.join(report['members'])}; "
+             f"stacked features: {', '.join(f'{s} {n}' for s, n in report['features'].items())}.\n",
+             f"Every score is out-of-fold {metric} with the decision rule **cross-fitted** over the inner folds "
+             "(fitted on the others, applied to each in turn). The in-sample column fits and scores the rule on the "
+             "same rows: optimistic, for reference only.\n",
+             markdown(rows),
+             f"**Submitted: {c['name']}**, rule `{c['rule']}` {c['params'] or ''}: cross-fitted {metric} "
+             f"{c['score']:.4f}" + (f", {c['score'] - c['runner_up_score']:+.4f} over the next candidate ({c['runner_up']})"
+                                    if c["runner_up"] else "")
+             + f", {c['score'] - c['best_member_score']:+.4f} over the best single member ({c['best_member']}).\n"]
+    if report["degenerate"]:
+        lines.append("Left out of every ensemble (degenerate fold models): " + "; ".join(
+            f"{m}: {', '.join(r)}" for m, r in report["degenerate"].items()) + "\n")
+    lines += ["## Selection\n"] + [f"- {k.replace('_', ' ')}: {v}" for k, v in report["selection"].items()] + [""]
+    lines += ["## Per label (submitted candidate)\n", markdown(
+        [{"label": r["label"], "precision": r["precision"], "recall": r["recall"], "F1": r["f1"], "support": r["support"],
+          "true rate": r["true_rate"], "predicted rate (out-of-fold)": r["oof_predicted_rate"],
+          "predicted rate (test)": r["test_predicted_rate"]} for r in report["per_label"]])]
+    return "\n".join(lines)
+
+
+def plot_report(report: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(report["table"])
+    vals = [report["crossfit_score"][n] for n in names]
+    chosen = report["chosen"]["name"]
+    colors = ["tab:green" if n == chosen else "tab:gray" if n not in report["candidates"] else
+              "tab:orange" if n in SIMPLE or n in STACKS else "tab:blue" for n in names]
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(names) + 1.5))
+    ax.barh(names, vals, color=colors)
+    for i, v in enumerate(vals):
+        ax.text(v, i, f" {v:.3f}", va="center")
+    ax.invert_yaxis()
+    ax.set(title=f"Out-of-fold {report['metric']} (cross-fitted rule); green: submitted",
+           xlim=(0, min(1.0, max(vals) * 1.2)))
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+    return path

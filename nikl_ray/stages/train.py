@@ -1,0 +1,138 @@
+"""The train stage: every (backbone, fold) pair is one Ray Train run of an HF Trainer.
+
+    nikl-ray train --config examples/tiny.yaml --local       # this machine
+    ray job submit --working-dir . -- python ray_jobs/train_folds.py --config …   # a cluster
+
+Each run is a FoldRun (runspec) placed by the plan: a 1/k card share, or CPUs on a CPU machine.
+Ray runs as many at once as the cluster holds. A run picks its epoch on its fold's selection
+slice and scores its held-out fold once at the end; a pair whose manifest matches is skipped,
+an interrupted pair resumes from its last checkpoint. The table (`train/summary.md`) shows each
+run's selection and held-out scores and flags degenerate models loudly.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from nikl_ray.artifacts import code_version, load_manifest, manifest_problem, read_json, write_json, write_manifest
+from nikl_ray.backbones import BackboneSpec
+from nikl_ray.config import Experiment
+from nikl_ray.folds import fold_positions
+from nikl_ray.inputs import Inputs
+from nikl_ray.metrics import metric_name
+from nikl_ray.runspec import HF_CHECKPOINT, SELECT_METRIC, FoldRun, RowsPayload, fold_run, held_out_hash
+from nikl_ray.tables import markdown, write_table
+from nikl_ray.worker import read_history
+
+log = logging.getLogger(__name__)
+
+
+def pair_inputs(exp: Experiment, spec: BackboneSpec, fold: int, folds: dict) -> dict:
+    return {"backbone": spec.model_dump(mode="json"), "task": exp.task.model_dump(mode="json"), "fold": fold,
+            "held_out_hash": held_out_hash(folds, fold), "data_hash": folds["data_hash"]}
+
+
+def fresh_run_dir(d: Path, inputs: dict) -> None:
+    """Ray Train resumes a run whose folder holds checkpoints of the same name: right after a kill,
+    wrong after a change. A folder made for other inputs (or other code) is cleared first."""
+    import shutil
+
+    marker = {"inputs": inputs, "code_version": code_version()}
+    path = d / "run_inputs.json"
+    if d.exists() and (not path.exists() or read_json(path) != marker):
+        log.info("train %s: made for other inputs or code: starting it over", d.name)
+        shutil.rmtree(d)
+    if not path.exists():
+        write_json(path, marker)
+
+
+def summarize(run: FoldRun, out: dict) -> dict:
+    """What the manifest keeps of a finished run: its epochs, scores, losses and clocks."""
+    metric = metric_name(run.task.multi_label)
+    history = read_history(out["latest_checkpoint"])
+    evals = [h for h in history if SELECT_METRIC in h]
+    best = max(evals, key=lambda h: h[SELECT_METRIC]) if evals else None
+    epochs = [h for h in history if "loss" in h and "eval_loss" not in h]
+    final = out["metrics"]
+    return {"best_epoch": int(round(best["epoch"])) if best else len(epochs), "epochs_run": len(evals) or len(epochs),
+            "selection_score": best[SELECT_METRIC] if best else None,
+            f"heldout_{metric}": final.get(f"heldout_{metric}"), "heldout_macro_f1": final.get("heldout_macro_f1"),
+            "degenerate": final.get("degenerate"), "train_losses": [h["loss"] for h in epochs],
+            "train_fn_seconds": final.get("train_fn_seconds"), "wall_seconds": out["wall_seconds"],
+            "peak_gpu_gb": max((h.get("peak_gpu_gb", 0) for h in history), default=None) or None}
+
+
+def run(exp: Experiment, data: Inputs, *, backbones: list[str] | None = None) -> Path:
+    """Train every (backbone, fold) pair not already done; write the table. Returns its path."""
+    import ray
+
+    from nikl_ray.cluster import plan_stage
+    from nikl_ray.launcher import run_all
+
+    layout, folds = exp.layout, data.folds(exp)
+    specs = [s for s in exp.backbones if backbones is None or s.name in backbones]
+    stage = plan_stage(exp, specs)
+    log.info("%s", stage.describe())
+    payload = ray.put(RowsPayload.of(data.rows))
+    runs, status = [], {}
+    for spec in specs:
+        for fold in range(folds["k"]):
+            why = manifest_problem(layout.pair(spec.name, fold), pair_inputs(exp, spec, fold, folds))
+            if why is None:
+                status[(spec.name, fold)] = "skipped (done)"
+                continue
+            log.info("train %s: %s → training", layout.run_name(spec.name, fold), why)
+            fresh_run_dir(layout.pair(spec.name, fold), pair_inputs(exp, spec, fold, folds))
+            runs.append(fold_run(exp, spec, fold, fold_positions(data.rows, folds, fold), payload,
+                                 stage.placements[spec.name], stage.device, name=layout.run_name(spec.name, fold),
+                                 storage=str(layout.train)))
+    failures = []
+    metric = metric_name(exp.task.multi_label)
+
+    def done(run: FoldRun, out: dict) -> None:
+        d = layout.pair(run.backbone.name, run.fold)
+        best = Path(out["best_checkpoint"])
+        summary = summarize(run, out)
+        vouched = [f for f in (best / HF_CHECKPOINT).iterdir() if f.suffix in (".safetensors", ".json")]
+        write_manifest(d, inputs=pair_inputs(exp, run.backbone, run.fold, folds), files=vouched,
+                       extra={"best_checkpoint": str(best.relative_to(d.resolve()) / HF_CHECKPOINT), **summary})
+        (d / "failed.json").unlink(missing_ok=True)
+        status[(run.backbone.name, run.fold)] = "trained"
+        line = (f"train {run.name}: held-out {metric} {summary[f'heldout_{metric}']:.4f} (epoch {summary['best_epoch']} "
+                f"of {summary['epochs_run']}, {out['wall_seconds']:.0f} s)")
+        if summary["degenerate"]:
+            log.warning("%s — DEGENERATE: %s", line, summary["degenerate"])
+        else:
+            log.info("%s", line)
+
+    def failed(run: FoldRun, e: Exception) -> None:
+        write_json(layout.pair(run.backbone.name, run.fold) / "failed.json", {"error": str(e).splitlines()[0][:500]})
+        failures.append(f"{run.name}: {e}")
+        status[(run.backbone.name, run.fold)] = "failed"
+        log.error("train %s: FAILED: %s", run.name, e)
+
+    run_all(runs, stage.slots, done, failed)
+    path = write_summary(exp, specs, folds["k"], status) if len(failures) < len(status) else None
+    if failures:
+        raise RuntimeError("some training runs failed (finished runs are kept; rerun to retry):\n  " + "\n  ".join(failures))
+    return path
+
+
+def write_summary(exp: Experiment, specs: list[BackboneSpec], k: int, status: dict) -> Path:
+    metric = metric_name(exp.task.multi_label)
+    rows = []
+    for spec in specs:
+        for fold in range(k):
+            if status.get((spec.name, fold), "failed") == "failed":
+                continue
+            m = load_manifest(exp.layout.pair(spec.name, fold))
+            rows.append({"backbone": spec.name, "fold": fold, "mode": spec.mode, "best_epoch": m["best_epoch"],
+                         "epochs_run": m["epochs_run"], "selection score": m.get("selection_score"),
+                         f"held-out {metric}": m.get(f"heldout_{metric}"), "wall_seconds": m["wall_seconds"],
+                         "status": status[(spec.name, fold)] + (f" — DEGENERATE: {m['degenerate']}" if m.get("degenerate") else "")})
+    if not rows:
+        raise RuntimeError("no finished training runs to summarize")
+    path = write_table(exp.layout.train_summary, rows)
+    log.info("train table (%s):\n%s", path.with_suffix(".md"), markdown(rows))
+    return path

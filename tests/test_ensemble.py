@@ -1,0 +1,168 @@
+"""Features of trained tiny fold models, the stacked ensemble, honest selection and the submission."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from nikl_ray.artifacts import load_manifest, read_json
+from nikl_ray.data import read_rows
+from nikl_ray.members import load_member, pool
+from nikl_ray.runspec import assign
+
+pytestmark = pytest.mark.slow
+
+
+def test_pooling_takes_the_last_real_token_under_left_and_right_padding():
+    hidden = torch.arange(2 * 5, dtype=torch.float32).reshape(2, 5, 1)
+    right = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    left = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert pool(hidden, right, "decoder").flatten().tolist() == [2, 9]
+    assert pool(hidden, left, "decoder").flatten().tolist() == [4, 9]
+    assert pool(hidden, right, "encoder").flatten().tolist() == [0, 5]
+    assert pool(hidden, left, "encoder").flatten().tolist() == [2, 5]
+
+
+def test_embedding_does_not_depend_on_row_order(trained):
+    from nikl_ray.backbones import load_trained
+    from nikl_ray.members import embed
+
+    exp, data, _ = trained
+    spec, pair = exp.backbone("neox-lora"), exp.layout.pair("neox-lora", 0)
+    tok, model = load_trained(spec, pair / load_manifest(pair)["best_checkpoint"], 8, True)
+    rows = data.rows.inputs().take(range(40))
+    h1, p1 = embed(spec, tok, model, rows, True, batch_size=8)
+    rev = list(reversed(range(40)))
+    h2, p2 = embed(spec, tok, model, rows.take(rev), True, batch_size=8)
+    np.testing.assert_allclose(h1, h2[rev], atol=1e-4)
+    np.testing.assert_allclose(p1, p2[rev], atol=1e-5)
+
+
+def test_features_join_by_id_and_each_row_comes_from_one_fold_model_that_never_saw_it(stacked):
+    exp, data, _ = stacked
+    rows, test, folds = data.rows, data.test, data.folds(exp)
+    perm = np.random.default_rng(0).permutation(len(rows))
+    for member in ("enc-full", "neox-lora", "tfidf-lr"):
+        f = load_member(exp.layout, member, 2, rows.ids, test.ids)
+        g = load_member(exp.layout, member, 2, [rows.ids[i] for i in perm], test.ids)
+        np.testing.assert_array_equal(g.oof_probs, f.oof_probs[perm])
+        assert f.oof_probs.shape == (len(rows), 8) and f.test_probs.shape == (len(test), 8)
+        assert (f.oof_hidden is None) == (member == "tfidf-lr")
+    # out-of-fold rows come from the fold model that held them out; test rows from the one they are assigned to
+    assigned = assign(test.inputs().keys(), 2, "fold")
+    for fold in range(2):
+        d = exp.layout.features("neox-lora", fold)
+        assert set(json.loads((d / "oof_ids.json").read_text())) == set(folds["folds"][fold])
+        assert json.loads((d / "test_ids.json").read_text()) == [t for t, a in zip(test.ids, assigned) if a == fold]
+
+
+def test_heads_ran_as_parallel_ray_tasks(stacked):
+    heads = sorted(read_json(stacked[0].layout.ensemble / "report.json")["heads"], key=lambda h: h["start"])
+    assert len(heads) == 2 * 2 * 2  # 2 stacks × 2 hidden sizes × 2 inner folds
+    assert sum(1 for a, b in zip(heads, heads[1:]) if b["start"] < a["end"]) >= 1, heads
+
+
+def test_the_report_scores_every_candidate_with_cross_fitted_rules_and_submits_the_best(stacked):
+    exp = stacked[0]
+    report = read_json(exp.layout.ensemble / "report.json")
+    table, chosen = report["table"], report["chosen"]
+    assert {"enc-full", "neox-lora", "neox-qlora", "tfidf-lr", "prob-average", "majority-vote", "stack", "stack+hidden",
+            "stack@h16", "stack+hidden@h32"} <= set(table)
+    for by_rule in table.values():
+        assert set(by_rule) == {"threshold_0.5", "global_threshold", "per_label_thresholds", "at_least_one"}
+        assert all(0 <= r["crossfit"] <= 1 and 0 <= r["in_sample"] <= 1 for r in by_rule.values())
+    # the submitted candidate is the best by cross-fitted score, whichever kind it is; a stack is not favoured
+    scored = {n: max(r["crossfit"] for r in table[n].values()) for n in report["candidates"]}
+    assert chosen["name"] == max(scored, key=scored.get) and chosen["score"] == pytest.approx(scored[chosen["name"]])
+    assert "prob-average" in report["candidates"] and "stack+hidden" in report["candidates"]
+    md = (exp.layout.ensemble / "report.md").read_text()
+    assert f"Submitted: {chosen['name']}" in md and "cross-fitted" in md and "in-sample" in md
+    assert (exp.layout.ensemble / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # per label: the predicted positive rate out-of-fold and on test, side by side
+    assert len(report["per_label"]) == 8 and all(r["test_predicted_rate"] is not None for r in report["per_label"])
+
+
+def test_a_degenerate_member_is_flagged_and_left_out_of_every_ensemble(stacked):
+    exp = stacked[0]
+    assert all(load_manifest(exp.layout.pair("enc-full", f))["degenerate"] for f in range(2))
+    report = read_json(exp.layout.ensemble / "report.json")
+    assert "enc-full" in report["degenerate"] and "enc-full" not in report["active_members"]
+    assert "enc-full" not in report["candidates"] and "enc-full" in report["table"]  # scored, never submitted
+    assert "DEGENERATE" in (exp.layout.train_summary.with_suffix(".md")).read_text()
+    assert "left out (degenerate)" in (exp.layout.ensemble / "report.md").read_text()
+
+
+def test_every_candidate_writes_its_own_submission_and_the_chosen_one_is_the_submission(stacked):
+    exp, data, _ = stacked
+    report = read_json(exp.layout.ensemble / "report.json")
+    for name, rel in report["submissions"].items():
+        sub = read_rows(exp.layout.ensemble / rel, exp.task, labelled=True)
+        assert sub.ids == data.test.ids and [r["input"] for r in sub.records] == [r["input"] for r in data.test.records]
+    chosen = report["chosen"]["name"]
+    assert (exp.layout.ensemble / report["submissions"][chosen]).read_text() == exp.layout.submission(".jsonl").read_text()
+
+
+def test_the_predictor_answers_exactly_as_the_submission_did(stacked):
+    """One procedure for the batch path and a single sentence: the Predictor run on the test rows
+    gives the submission's labels; one sentence alone gives its row's answer."""
+    from nikl_ray.predictor import Predictor
+
+    exp, data, _ = stacked
+    predictor = Predictor.load(exp)
+    out = predictor.predict(data.test.inputs())
+    sub = read_rows(exp.layout.submission(".jsonl"), exp.task, labelled=True)
+    np.testing.assert_array_equal(out.decisions, sub.labels.astype(bool))
+    i = int(np.flatnonzero([t is not None for t in data.test.targets])[0])
+    text, target = data.test.texts[i], data.test.targets[i]
+    if text.find(target) == data.test.spans[i][0]:  # predict_text takes the first occurrence
+        probs, labels = predictor.predict_text(text, target)
+        np.testing.assert_allclose(list(probs.values()), out.probs[i], atol=1e-5)
+        assert labels == [lab for lab, d in zip(exp.task.labels, out.decisions[i]) if d]
+
+
+def test_heads_never_look_at_the_labels_of_the_rows_they_answer_for(ray_local):
+    """A head trained with the labels outside its training rows scrambled is the same head:
+    early stopping uses a slice of its own training rows."""
+    from nikl_ray.stacking import HeadJob, train_head
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 12)).astype(np.float32)
+    y = (x[:, :4] > 0.3).astype(np.float32)
+    job = HeadJob("stack", 16, 0, np.arange(200), 0, True, 40, 5, 0.2, 0.0, 1e-2, 32)
+    scrambled = y.copy()
+    scrambled[200:] = 1 - scrambled[200:]
+    a, b = train_head(job, x, y), train_head(job, x, scrambled)
+    assert a["best_epoch"] == b["best_epoch"]
+    for k in a["state"]:
+        np.testing.assert_array_equal(a["state"][k], b["state"][k])
+
+
+def test_heads_learn_a_known_signal_far_above_chance(ray_local):
+    import ray
+
+    from nikl_ray.decision import crossfit
+    from nikl_ray.metrics import micro_f1
+    from nikl_ray.stacking import HeadJob, Heads, train_head
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(600, 20)).astype(np.float32)
+    y = (x @ rng.normal(size=(20, 4)) > 0.5).astype(np.float32)
+    job = HeadJob("stack", 32, 0, np.arange(450), 0, True, 200, 20, 0.1, 0.0, 1e-3, 64)
+    out = ray.get(ray.remote(num_cpus=1)(train_head).remote(job, x, y))
+    heads = Heads("stack", {(32, 0): out["state"]}, np.zeros(20, np.float32), np.ones(20, np.float32), 4, True)
+    probs = heads.predict(x[450:], np.zeros(150, dtype=int))
+    f1 = micro_f1(y[450:], crossfit(probs, y[450:], "global_threshold", np.arange(150) % 3))
+    chance = 2 * y.mean() / (1 + 2 * y.mean())  # F1 of predicting every label everywhere
+    assert f1 > 0.85 and f1 > chance + 0.3, (f1, chance)
+
+
+def test_the_classical_members_features_are_tied_to_the_rows_each_fold_held_out(stacked):
+    """After a change of folds (k, seed or selection) its fold models are fitted again, not reused."""
+    from nikl_ray.runspec import held_out_hash
+
+    exp, data, _ = stacked
+    folds = data.folds(exp)
+    for fold in range(2):
+        inputs = load_manifest(exp.layout.features("tfidf-lr", fold))["inputs"]
+        assert inputs["held_out_hash"] == held_out_hash(folds, fold)
