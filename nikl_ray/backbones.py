@@ -166,7 +166,7 @@ def load_for_classification(spec: BackboneSpec, num_labels: int, multi_label: bo
     if spec.mode in ("lora", "gptq") and dtype != torch.float32:
         kwargs["dtype"] = dtype  # frozen base in 16-bit; trainable adapters stay fp32 under peft
     model = AutoModelForSequenceClassification.from_pretrained(spec.checkpoint, **kwargs)
-    if len(tokenizer) != model.get_input_embeddings().num_embeddings:
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # marker tokens added (padded vocabularies stay)
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
     if not spec.uses_lora:

@@ -50,7 +50,7 @@ def _connect(args, exp) -> None:
     from nikl_ray.cluster import check_shared_storage, connect, dashboard_url
     from nikl_ray.status import record_dashboard
 
-    connect(local=args.local, num_cpus=getattr(args, "num_cpus", None))
+    connect(local=args.local, num_cpus=getattr(args, "num_cpus", None), num_gpus=getattr(args, "num_gpus", None))
     check_shared_storage(exp.results)
     record_dashboard(exp.layout, dashboard_url())
 
@@ -214,6 +214,9 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results", help="results root (overrides the experiment's)")
     p.add_argument("--local", action="store_true", help="start a Ray instance on this machine instead of joining a cluster")
     p.add_argument("--num-cpus", type=int, help="with --local: CPUs Ray may use (default: all)")
+    p.add_argument("--num-gpus", type=int, help="with --local: cards Ray offers (default: all). More than the machine "
+                                                "has simulates them: placement and packing as on real cards (set "
+                                                "resources.card_gb), the training on the CPU")
 
 
 def build_parser() -> argparse.ArgumentParser:

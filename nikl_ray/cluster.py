@@ -87,6 +87,8 @@ def connect(local: bool = False, *, num_cpus: int | None = None, num_gpus: int |
         if dashboard:
             log.info("Ray dashboard: %s", _api_server)
     else:
+        # inside `ray job submit`: combine with the job's runtime env (runtime_env.yaml sets some of the same vars)
+        os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
         ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), runtime_env={"env_vars": env}, logging_level=logging.WARNING)
 
 

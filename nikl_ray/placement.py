@@ -127,12 +127,11 @@ def place(name: str, estimate_bytes: float, *, budget_gb: float | None, physical
 
 
 def concurrent_slots(placements: list[Placement], cpus: float, gpus: float) -> int:
-    """How many trials the cluster runs at once under the plan (the tightest backbone decides)."""
-    slots = min(int(cpus // p.cpus) for p in placements)
-    if gpus:
-        on_gpu = [int(round(gpus * p.trials_per_card)) for p in placements if p.gpu_share]
-        slots = min([slots, *on_gpu])
-    return max(1, slots)
+    """How many runs to have submitted at once: as many as the roomiest backbone fits on the cluster
+    (Ray queues the others until their share is free; more would only start idle controllers)."""
+    fits = [int(cpus // p.cpus) if not p.gpu_share else min(int(cpus // p.cpus), int(round(gpus * p.trials_per_card)))
+            for p in placements]
+    return max(1, max(fits))
 
 
 def format_plan(placements: list[Placement], *, budget_gb: float | None, physical_gb: float | None, total_cpus: float,
@@ -199,6 +198,10 @@ def plan(specs: list, resources, shape: ClusterShape, device) -> dict[str, Place
     """A placement per backbone, for the cluster `shape` (`resources` is the experiment's ResourcesConfig).
     Refuses, before anything starts, a backbone that fits no card."""
     budget = shape.budget_gb(resources.card_gb)
-    return {s.name: place(s.name, estimate_for(s, device), budget_gb=budget, physical_gb=shape.physical_gb,
-                          use_gpu=device.schedule_gpu, cpus=resources.cpus_per_trial,
-                          max_trials_per_card=resources.max_trials_per_card) for s in specs}
+    try:
+        return {s.name: place(s.name, estimate_for(s, device), budget_gb=budget, physical_gb=shape.physical_gb,
+                              use_gpu=device.schedule_gpu, cpus=resources.cpus_per_trial,
+                              max_trials_per_card=resources.max_trials_per_card) for s in specs}
+    except PlacementError as e:
+        cards = sorted({f"{c.name}" + (f" ({c.total_gb:.1f} GB)" if c.total_gb else " (memory unknown)") for c in shape.cards})
+        raise PlacementError(f"{e} [cards found: {len(shape.cards)} × {', '.join(cards) or 'none'}]") from None

@@ -79,25 +79,45 @@ def _config(kind: str, tokenizer):
     raise ValueError(f"unknown tiny backbone kind {kind!r}; choose from {TINY_KINDS}")
 
 
-def make_tiny_backbone(kind: str, texts: list[str], out_dir: str | Path, *, vocab_size: int = 4000, seed: int = 0) -> Path:
-    """Train a tokenizer on `texts` and save a random-init `kind` checkpoint with it in `out_dir`."""
+def make_tokenizer(kind: str, texts: Iterable[str], vocab_size: int):
+    """A tokenizer of `kind`'s family (WordPiece for ELECTRA/BERT, byte-level BPE otherwise) trained on `texts`."""
+    if kind not in TINY_KINDS:
+        raise ValueError(f"unknown tiny backbone kind {kind!r}; choose from {TINY_KINDS}")
+    if kind in ("electra", "bert"):
+        return _wordpiece(texts, vocab_size)
+    return _byte_bpe(texts, vocab_size, encoder=FAMILY[kind] == "encoder")
+
+
+def _save_random_init(kind: str, config, tokenizer, out_dir: str | Path, seed: int) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForPreTraining
 
     from nikl_ray.backbones import quiet_transformers
 
     quiet_transformers()
-    if kind not in TINY_KINDS:
-        raise ValueError(f"unknown tiny backbone kind {kind!r}; choose from {TINY_KINDS}")
-    encoder = FAMILY[kind] == "encoder"
-    tokenizer = _wordpiece(texts, vocab_size) if kind in ("electra", "bert") else _byte_bpe(texts, vocab_size, encoder=encoder)
     torch.manual_seed(seed)
-    config = _config(kind, tokenizer)
-    model = (AutoModelForPreTraining if encoder else AutoModelForCausalLM).from_config(config)
+    model = (AutoModelForPreTraining if FAMILY[kind] == "encoder" else AutoModelForCausalLM).from_config(config)
     out_dir = Path(out_dir)
     model.save_pretrained(out_dir)  # safetensors
     tokenizer.save_pretrained(out_dir)
     return out_dir
+
+
+def make_tiny_backbone(kind: str, texts: list[str], out_dir: str | Path, *, vocab_size: int = 4000, seed: int = 0) -> Path:
+    """Train a tokenizer on `texts` and save a random-init `kind` checkpoint with it in `out_dir`."""
+    tokenizer = make_tokenizer(kind, texts, vocab_size)
+    return _save_random_init(kind, _config(kind, tokenizer), tokenizer, out_dir, seed)
+
+
+def make_random_init(config_dir: str | Path, texts: list[str], out_dir: str | Path, *, seed: int = 0) -> Path:
+    """A random-init checkpoint of a real model's shape (its config.json: KLUE-RoBERTa-base,
+    polyglot-ko-1.3b, …) with a tokenizer trained on `texts` up to its vocabulary size."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(config_dir)
+    tokenizer = make_tokenizer(config.model_type, texts, config.vocab_size)
+    config.pad_token_id = tokenizer.pad_token_id
+    return _save_random_init(config.model_type, config, tokenizer, out_dir, seed)
 
 
 def make_tiny_backbones(texts: list[str], out_dir: str | Path, kinds: Iterable[str] = ("electra", "roberta", "gpt_neox", "llama"),

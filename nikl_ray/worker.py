@@ -157,8 +157,19 @@ def quiet_worker(needs_bitsandbytes: bool) -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
 
 
+def in_ray_train() -> bool:
+    import ray.train
+
+    try:
+        ray.train.get_context()
+    except RuntimeError:
+        return False
+    return True
+
+
 def train_fold(config: dict) -> None:
-    """The Ray Train loop: `config["run"]` is the FoldRun to train."""
+    """The Ray Train loop: `config["run"]` is the FoldRun to train. Outside Ray Train (a plain process,
+    as `benchmarks/gpu_packing.py --no-ray` runs it) the same training runs without Ray's reports."""
     started = time.time()  # everything from here (imports included) counts as time in the function
     quiet_worker(config["run"].backbone.mode == "qlora")
     # Ray's per-report lines go to its log files only (one of its loggers is named by file path,
@@ -253,7 +264,7 @@ def train_fold(config: dict) -> None:
             save_total_limit=2, seed=spec.seed, data_seed=spec.seed, report_to="none", disable_tqdm=True,
             dataloader_num_workers=0, use_cpu=not on_cuda, fp16=on_cuda and run.precision == "fp16",
             bf16=on_cuda and run.precision == "bf16", activation_checkpointing=run.gradient_checkpointing)
-        callbacks = [ResourceLog(), Progress(), RayTrainReportCallback()]
+        callbacks = [ResourceLog(), Progress()] + ([RayTrainReportCallback()] if ray_train else [])
         if select:
             callbacks.insert(0, EarlyStoppingCallback(spec.early_stopping_patience))
         trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=select_ds,
@@ -263,7 +274,8 @@ def train_fold(config: dict) -> None:
         trainer.remove_callback(PrinterCallback)  # its raw dict per log line; Progress says it once
         return trainer
 
-    checkpoint = ray.train.get_checkpoint()
+    ray_train = in_ray_train()
+    checkpoint = ray.train.get_checkpoint() if ray_train else None
     if checkpoint:
         # Tell whoever listens now the epochs the run already has (a Tune trial restarted with a
         # killed search hears only from here on; a run restored after its last epoch reports nothing new).
@@ -285,21 +297,32 @@ def train_fold(config: dict) -> None:
     clock["model_loaded"] = time.time()
     trainer = run_with_oom_retry(spec, run.fold, run.estimate_gb, model, fit, load)
     clock["trained"] = time.time()
-    if not run.predict_heldout:
-        return
-    # The held-out fold, once, for the table and the degenerate check: it chose no epoch above.
-    held = trainer.predict(make(run.heldout_idx)).predictions
-    held = held[0] if isinstance(held, tuple) else held
-    y_held = data.labels[run.heldout_idx]
-    final = {f"heldout_{k}": v for k, v in scores(y_held, decisions_of(held, task.multi_label), task.labels,
-                                                  task.multi_label).items()}
-    final["degenerate"] = degenerate_reason(y_held, to_probs(held.astype(np.float64), task.multi_label),
-                                            data.labels[run.train_idx], task.multi_label)
+    speed = next((h for h in reversed(trainer.state.log_history) if "train_runtime" in h), {})
+    final = {"train_steps_per_second": speed.get("train_steps_per_second"),
+             "train_samples_per_second": speed.get("train_samples_per_second"),
+             "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1024**3 if on_cuda else None}
+    if run.predict_heldout:
+        final.update(heldout_report(trainer, make, data, run))
     clock["fn_end"] = time.time()
-    final.update(train_fn_seconds=clock["fn_end"] - started, clock=clock,
-                 node=ray.get_runtime_context().get_node_id(),
-                 gpu_ids=ray.get_runtime_context().get_accelerator_ids().get("GPU", []))
+    final.update(train_fn_seconds=clock["fn_end"] - started, clock=clock, pid=os.getpid(),
+                 node=ray.get_runtime_context().get_node_id() if ray_train else None,
+                 gpu_ids=ray.get_runtime_context().get_accelerator_ids().get("GPU", []) if ray_train else [])
     # beside the run's checkpoints (Ray keeps only reports that carry a checkpoint in its result)
     from nikl_ray.artifacts import write_json
 
     write_json(Path(run.storage) / run.name / FINAL, final)
+
+
+def heldout_report(trainer, make, data, run: FoldRun) -> dict:
+    """The held-out fold, once, for the table and the degenerate check: it chose no epoch."""
+    from nikl_ray.metrics import scores, to_probs
+
+    task = run.task
+    held = trainer.predict(make(run.heldout_idx)).predictions
+    held = held[0] if isinstance(held, tuple) else held
+    y_held = data.labels[run.heldout_idx]
+    out = {f"heldout_{k}": v for k, v in scores(y_held, decisions_of(held, task.multi_label), task.labels,
+                                                task.multi_label).items()}
+    out["degenerate"] = degenerate_reason(y_held, to_probs(held.astype(np.float64), task.multi_label),
+                                          data.labels[run.train_idx], task.multi_label)
+    return out

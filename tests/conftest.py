@@ -123,3 +123,85 @@ def single_label_run(tmp_path_factory, tiny_backbones, ray_local):
     tmp = tmp_path_factory.mktemp("nsmc")
     raw = nsmc_experiment(tmp, tiny_backbones, tmp / "res")
     return raw, run_pipeline(parse_experiment(raw, tmp))
+
+
+class RayCluster:
+    """A Ray cluster of the test's own, from `ray start` (the head, and worker nodes on this machine):
+    its own ports and temp dir; stopped by finding its processes, never with `ray stop` (which ends
+    every Ray process on the machine)."""
+
+    def __init__(self, name: str):
+        import os
+        import socket
+
+        self.temp = Path("/tmp") / f"ray-{name}-{os.getpid()}"  # Ray's socket paths must stay short
+        # as the README starts a cluster: token authentication, Train runs listed on the dashboard
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": "", "RAY_TRAIN_ENABLE_STATE_TRACKING": "1"}
+        self._socket = socket
+        self.address = self.dashboard = None
+
+    def free_port(self) -> int:
+        with self._socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    def run(self, *cmd, timeout=600):
+        import subprocess
+
+        return subprocess.run(list(cmd), env=self.env, capture_output=True, text=True, timeout=timeout,
+                              cwd=Path(__file__).resolve().parents[1])
+
+    def ray(self, *args, timeout=600):
+        import sys
+
+        return self.run(str(Path(sys.executable).with_name("ray")), *args, timeout=timeout)
+
+    def _node_ports(self) -> list[str]:
+        # Own ports for every node's agents too: their defaults (e.g. 52365 for the job agent) are held
+        # by any other Ray instance on the machine, and the job server then has "No available agent".
+        p = self.free_port
+        return [f"--node-manager-port={p()}", f"--object-manager-port={p()}", f"--dashboard-agent-listen-port={p()}",
+                f"--dashboard-agent-grpc-port={p()}", f"--runtime-env-agent-port={p()}", f"--metrics-export-port={p()}"]
+
+    def start_head(self, *, cpus: int, gpus: int = 0) -> None:
+        port, dash = self.free_port(), self.free_port()
+        # every process of this cluster asks its own dashboard for Ray's state API (see cluster.connect)
+        self.env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dash}"
+        out = self.ray("start", "--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                       *self._node_ports(), f"--num-cpus={cpus}", f"--num-gpus={gpus}", f"--temp-dir={self.temp}",
+                       "--disable-usage-stats")
+        assert out.returncode == 0, out.stderr
+        self.address, self.dashboard = f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}"
+
+    def add_node(self, *, cpus: int, gpus: int = 0, hide: Path | None = None) -> None:
+        """A worker node; with `hide`, in a mount namespace of its own where that folder is an empty
+        tmpfs: a node that cannot see what the others write there (like a node-local disk)."""
+        import shlex
+        import sys
+
+        node = [str(Path(sys.executable).with_name("ray")), "start", f"--address={self.address}", *self._node_ports(),
+                f"--num-cpus={cpus}", f"--num-gpus={gpus}", "--disable-usage-stats"]
+        if hide is None:
+            out = self.run(*node)
+        else:
+            hide.mkdir(parents=True, exist_ok=True)
+            script = f"mount -t tmpfs tmpfs {shlex.quote(str(hide))} && exec {shlex.join(node)}"
+            out = self.run("unshare", "-m", "--propagation", "private", "sh", "-c", script)
+        assert out.returncode == 0, out.stderr
+
+    def stop(self) -> int:
+        import psutil
+
+        procs = []
+        for p in psutil.process_iter(["cmdline"]):
+            try:
+                if any(str(self.temp) in part for part in (p.info["cmdline"] or [])):
+                    procs.append(p)
+            except psutil.Error:
+                pass
+        for p in procs:
+            p.terminate()
+        _, alive = psutil.wait_procs(procs, timeout=15)
+        for p in alive:
+            p.kill()
+        return len(procs)

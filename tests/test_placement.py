@@ -62,11 +62,12 @@ def test_shares_are_always_one_over_k_and_cpu_plans_use_cpus():
     assert "2 at once" in format_plan([cpu], budget_gb=None, physical_gb=None, total_cpus=2, total_gpus=0)
 
 
-def test_concurrent_slots_are_set_by_the_tightest_backbone():
+def test_concurrent_slots_are_what_the_roomiest_backbone_fits():
     a = place("a", 3 * GiB, budget_gb=24, use_gpu=True, cpus=1)  # 5 per card
     b = place("b", 10 * GiB, budget_gb=24, use_gpu=True, cpus=1)  # 2 per card
     assert (a.trials_per_card, b.trials_per_card) == (5, 2)
-    assert concurrent_slots([a, b], cpus=16, gpus=2) == 4
+    assert concurrent_slots([a, b], cpus=16, gpus=2) == 10
+    assert concurrent_slots([b], cpus=16, gpus=2) == 4
     assert concurrent_slots([a, b], cpus=3, gpus=2) == 3
     cpu = place("c", 3 * GiB, budget_gb=None, use_gpu=False, cpus=2)
     assert concurrent_slots([cpu], cpus=5, gpus=0) == 2

@@ -11,6 +11,7 @@ One named Ray task per (member, fold), with the fold model's card share from the
 from __future__ import annotations
 
 import logging
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,7 @@ class FeatureJob:
     memory_fraction: float | None = None
     train: TextRows | None = None  # the classical member fits here
     train_labels: np.ndarray | None = None
+    progress: bool = False  # progress bars (in the driver's console): only when it is a terminal
 
 
 def neural_features(job: FeatureJob) -> dict:
@@ -69,7 +71,7 @@ def neural_features(job: FeatureJob) -> dict:
     for part, ids, rows in (("oof", job.oof_ids, job.oof), ("test", job.test_ids, job.test)):
         t0 = time.time()
         hidden, probs = embed(job.spec, tokenizer, model, rows, job.multi_label,
-                              progress=f"features {job.member}-fold{job.fold} {part}")
+                              progress=f"features {job.member}-fold{job.fold} {part}" if job.progress else None)
         out[part] = {"ids": ids, "hidden": hidden, "probs": probs, "seconds": time.time() - t0}
     return out
 
@@ -130,6 +132,7 @@ def run(exp: Experiment, data: Inputs) -> Path:
                 inputs = {"member": member, "train_manifest": sha256_file(pair / "manifest.json"), "k": k,
                           "test_hash": test_hash}
                 job = FeatureJob(**common, spec=spec, checkpoint=str(pair / load_manifest(pair)["best_checkpoint"]),
+                                 progress=sys.stderr.isatty(),
                                  precision=stage.device.precision(spec), device=stage.device.device,
                                  memory_fraction=p.memory_fraction if stage.device.device == "cuda" else None)
                 fn, opts = neural_features, {"num_cpus": p.cpus, "num_gpus": p.gpu_share}
