@@ -19,7 +19,6 @@ All numbers come from this one run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time

@@ -10,6 +10,7 @@ resumes instead of starting over, and a truncated file is never used silently.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -70,37 +71,74 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
-_CODE_VERSION: str | None = None
+_PACKAGE = Path(__file__).resolve().parent
 
 
-def code_version() -> str:
-    """The package version + a hash of its source files: a changed stage is never skipped silently."""
-    global _CODE_VERSION
-    if _CODE_VERSION is None:
-        from nikl_ray import __version__
+def _imports(path: Path) -> set[str]:
+    """The nikl_ray modules a source file imports (at the top or inside functions)."""
+    import ast
 
-        package = Path(__file__).resolve().parent
-        h = hashlib.sha256()
-        for f in sorted(package.rglob("*.py")):
-            h.update(f.relative_to(package).as_posix().encode() + b"\0" + f.read_bytes())
-        _CODE_VERSION = f"{__version__}+{h.hexdigest()[:12]}"
-    return _CODE_VERSION
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("nikl_ray"):
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)  # `from nikl_ray.stages import split`
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("nikl_ray"))
+    return found
 
 
-def write_manifest(stage_dir: str | Path, *, inputs: dict, files: list[str | Path], extra: dict | None = None) -> Path:
-    """Vouch for `files` (paths under `stage_dir`) as the result of `inputs`."""
+def _module_file(module: str) -> Path | None:
+    parts = module.split(".")[1:]
+    if not parts:
+        return _PACKAGE / "__init__.py"
+    rel = Path(*parts)
+    for cand in (_PACKAGE / rel.with_suffix(".py"), _PACKAGE / rel / "__init__.py"):
+        if cand.exists():
+            return cand
+    return None
+
+
+def code_files(module: str) -> set[Path]:
+    """The source of `module` and of every nikl_ray module it reaches through its imports."""
+    seen, todo = set(), [module]
+    while todo:
+        path = _module_file(todo.pop())
+        if path is not None and path not in seen:
+            seen.add(path)
+            todo.extend(_imports(path))
+    return seen
+
+
+@functools.lru_cache(maxsize=None)
+def code_version(module: str) -> str:
+    """The package version + a hash of code_files(module): a stage whose code changed is never
+    skipped silently, and one whose code did not is not redone for another stage's change."""
+    from nikl_ray import __version__
+
+    h = hashlib.sha256()
+    for f in sorted(code_files(module)):
+        h.update(f.relative_to(_PACKAGE).as_posix().encode() + b"\0" + f.read_bytes())
+    return f"{__version__}+{h.hexdigest()[:12]}"
+
+
+def write_manifest(stage_dir: str | Path, *, inputs: dict, files: list[str | Path], code: str,
+                   extra: dict | None = None) -> Path:
+    """Vouch for `files` (paths under `stage_dir`) as the result of `inputs`, made by the code of
+    module `code` (the stage's, see code_version)."""
     stage_dir = Path(stage_dir)
     checksums = {}
     for f in files:
         rel = Path(f).resolve().relative_to(stage_dir.resolve()).as_posix()
         checksums[rel] = sha256_file(stage_dir / rel)
     manifest = {"inputs": inputs, "inputs_hash": sha256_json(inputs), "files": checksums,
-                "code_version": code_version(), **(extra or {})}
+                "code_version": code_version(code), **(extra or {})}
     return write_json(stage_dir / MANIFEST, manifest)
 
 
-def manifest_problem(stage_dir: str | Path, inputs: dict) -> str | None:
-    """Why the stage in `stage_dir` must (re)run for `inputs`, or None when it is complete."""
+def manifest_problem(stage_dir: str | Path, inputs: dict, code: str) -> str | None:
+    """Why the stage in `stage_dir` must (re)run for `inputs` with the code of module `code`, or None
+    when it is complete."""
     stage_dir = Path(stage_dir)
     path = stage_dir / MANIFEST
     if not path.exists():
@@ -111,8 +149,8 @@ def manifest_problem(stage_dir: str | Path, inputs: dict) -> str | None:
         return f"manifest unreadable ({e})"
     if manifest.get("inputs_hash") != sha256_json(inputs):
         return "inputs or config changed"
-    if manifest.get("code_version") != code_version():
-        return f"nikl-ray's code changed (made by {manifest.get('code_version')}, now {code_version()})"
+    if manifest.get("code_version") != code_version(code):
+        return f"its code changed (made by {manifest.get('code_version')}, now {code_version(code)})"
     for rel, digest in manifest.get("files", {}).items():
         f = stage_dir / rel
         if not f.exists():

@@ -14,6 +14,7 @@ stacking (thousands of columns on a few thousand rows overfit).
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ import numpy as np
 
 from nikl_ray.decision import decide
 
+log = logging.getLogger(__name__)
 STACKS = {"stack": False, "stack+hidden": True}  # name → whether hidden states are stacked
 SIMPLE = ("prob-average", "majority-vote")
 
@@ -109,6 +111,40 @@ def train_head(job: HeadJob, x: np.ndarray, y: np.ndarray) -> dict:
     return {"stack": job.stack, "hidden": job.hidden, "inner_fold": job.inner_fold, "best_epoch": best_epoch,
             "stop_loss": best if n_stop else None, "state": {k: v.cpu().numpy() for k, v in head.state_dict().items()},
             "start": started, "end": time.time()}
+
+
+def fit_heads(xs: dict[str, np.ndarray], y: np.ndarray, inner: np.ndarray, cfg, multi_label: bool, placement,
+              device: str = "cpu") -> tuple[dict[str, "Heads"], list[dict]]:
+    """Every head of every stack ({stack: raw feature matrix}) as parallel, named Ray tasks, each with
+    the placement's resources; `cfg` is the EnsembleConfig. Heads train on standardised features and
+    keep the standardisation, so they are always given raw ones."""
+    import sys
+
+    import ray
+    from tqdm import tqdm
+
+    remote = ray.remote(num_cpus=placement.cpus, num_gpus=placement.gpu_share)(train_head)
+    y_ref, refs, norms = ray.put(y), [], {}
+    for stack, x in xs.items():
+        norms[stack] = (x.mean(0), x.std(0) + 1e-6)
+        x_ref = ray.put(((x - norms[stack][0]) / norms[stack][1]).astype(np.float32))
+        for h in cfg.hidden_sizes:
+            for j in range(cfg.inner_folds):
+                job = HeadJob(stack, h, j, np.flatnonzero(inner != j), cfg.seed + j, multi_label, cfg.epochs, cfg.patience,
+                              cfg.early_stopping, cfg.dropout, cfg.lr, cfg.batch_size, device, placement.memory_fraction)
+                refs.append(remote.options(name=f"head {stack} h{h} inner{j}").remote(job, x_ref, y_ref))
+    log.info("ensemble: %d heads (%s × %d hidden sizes × %d inner folds)", len(refs), " and ".join(xs),
+             len(cfg.hidden_sizes), cfg.inner_folds)
+    done, pending = [], list(refs)
+    with tqdm(total=len(refs), desc="heads", disable=not sys.stderr.isatty()) as bar:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            done.append(ray.get(ready[0]))
+            bar.update(1)
+    heads = {stack: Heads(stack, {(r["hidden"], r["inner_fold"]): r["state"] for r in done if r["stack"] == stack},
+                          *norms[stack], y.shape[1], multi_label) for stack in xs}
+    runs = [{k: r[k] for k in ("stack", "hidden", "inner_fold", "best_epoch", "stop_loss", "start", "end")} for r in done]
+    return heads, runs
 
 
 class Heads:

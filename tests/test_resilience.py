@@ -60,15 +60,31 @@ def test_other_errors_are_not_mistaken_for_out_of_memory(tiny_backbones):
 
 
 # ---------------------------------------------------------------------------- artifacts
+SPLIT = "nikl_ray.stages.split"
+
+
 def test_a_truncated_or_altered_artifact_is_named(tmp_path):
     write_text(tmp_path / "a.txt", "hello")
-    write_manifest(tmp_path, inputs={"x": 1}, files=[tmp_path / "a.txt"])
-    assert manifest_problem(tmp_path, {"x": 1}) is None
-    assert manifest_problem(tmp_path, {"x": 2}) == "inputs or config changed"
+    write_manifest(tmp_path, inputs={"x": 1}, files=[tmp_path / "a.txt"], code=SPLIT)
+    assert manifest_problem(tmp_path, {"x": 1}, SPLIT) is None
+    assert manifest_problem(tmp_path, {"x": 2}, SPLIT) == "inputs or config changed"
     (tmp_path / "a.txt").write_text("hell")
-    assert "a.txt was truncated or altered" in manifest_problem(tmp_path, {"x": 1})
+    assert "a.txt was truncated or altered" in manifest_problem(tmp_path, {"x": 1}, SPLIT)
     (tmp_path / "a.txt").unlink()
-    assert "a.txt is missing" in manifest_problem(tmp_path, {"x": 1})
+    assert "a.txt is missing" in manifest_problem(tmp_path, {"x": 1}, SPLIT)
+
+
+def test_a_stage_whose_code_changed_reruns_and_another_stages_change_does_not_touch_it(tmp_path):
+    from nikl_ray.artifacts import code_files, read_json, write_json
+
+    split_code, train_code = {p.name for p in code_files(SPLIT)}, {p.name for p in code_files("nikl_ray.stages.train")}
+    assert {"split.py", "folds.py", "data.py"} <= split_code and "stacking.py" not in split_code
+    assert {"worker.py", "launcher.py", "encode.py"} <= train_code and "stacking.py" not in train_code
+    write_text(tmp_path / "a.txt", "hello")
+    write_manifest(tmp_path, inputs={"x": 1}, files=[tmp_path / "a.txt"], code=SPLIT)
+    manifest = read_json(tmp_path / "manifest.json")
+    write_json(tmp_path / "manifest.json", {**manifest, "code_version": manifest["code_version"] + "-older"})
+    assert "its code changed" in manifest_problem(tmp_path, {"x": 1}, SPLIT)
 
 
 @pytest.mark.slow

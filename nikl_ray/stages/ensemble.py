@@ -15,7 +15,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +28,8 @@ from nikl_ray.folds import stratified_folds
 from nikl_ray.members import degenerate_members, load_member, member_names
 from nikl_ray.metrics import metric_name, per_label_table, scores
 from nikl_ray.runspec import assign
-from nikl_ray.stacking import SIMPLE, STACKS, HeadJob, Heads, candidate_probs, stack_matrix, train_head
+from nikl_ray.placement import place
+from nikl_ray.stacking import SIMPLE, STACKS, candidate_probs, fit_heads, stack_matrix
 from nikl_ray.tables import markdown
 
 log = logging.getLogger(__name__)
@@ -37,44 +37,6 @@ log = logging.getLogger(__name__)
 
 def submission_suffix(exp: Experiment) -> str:
     return ".txt" if exp.task.format == "tsv" else ".jsonl"
-
-
-def _train_heads(exp: Experiment, stage, xs: dict[str, np.ndarray], y: np.ndarray, inner: np.ndarray) -> dict[str, Heads]:
-    """All heads of every stack as parallel Ray tasks; {stack: Heads}."""
-    import ray
-    from tqdm import tqdm
-
-    from nikl_ray.placement import place
-
-    cfg, multi = exp.ensemble, exp.task.multi_label
-    biggest = max(x.nbytes for x in xs.values())
-    p = place("heads", 3 * biggest + 64 * 2**20, budget_gb=stage.budget_gb, physical_gb=stage.shape.physical_gb,
-              use_gpu=stage.device.schedule_gpu, cpus=1, max_trials_per_card=exp.resources.max_trials_per_card)
-    remote = ray.remote(num_cpus=p.cpus, num_gpus=p.gpu_share)(train_head)
-    y_ref, refs = ray.put(y), []
-    for stack, x in xs.items():
-        x_ref = ray.put(x)
-        for h in cfg.hidden_sizes:
-            for j in range(cfg.inner_folds):
-                job = HeadJob(stack, h, j, np.flatnonzero(inner != j), cfg.seed + j, multi, cfg.epochs, cfg.patience,
-                              cfg.early_stopping, cfg.dropout, cfg.lr, cfg.batch_size, stage.device.device,
-                              p.memory_fraction)
-                refs.append(remote.options(name=f"head {stack} h{h} inner{j}").remote(job, x_ref, y_ref))
-    log.info("ensemble: %d heads (%s × %d hidden sizes × %d inner folds)", len(refs), " and ".join(xs),
-             len(cfg.hidden_sizes), cfg.inner_folds)
-    done, pending = [], list(refs)
-    with tqdm(total=len(refs), desc="heads", disable=not sys.stderr.isatty()) as bar:
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=1)
-            done.append(ray.get(ready[0]))
-            bar.update(1)
-    heads = {}
-    for stack, x in xs.items():
-        states = {(r["hidden"], r["inner_fold"]): r["state"] for r in done if r["stack"] == stack}
-        heads[stack] = Heads(stack, states, x.mean(0), x.std(0) + 1e-6, y.shape[1], multi)
-    heads["_runs"] = [{k: r[k] for k in ("stack", "hidden", "inner_fold", "best_epoch", "stop_loss", "start", "end")}
-                      for r in done]
-    return heads
 
 
 def run(exp: Experiment, data: Inputs) -> Path:
@@ -87,7 +49,7 @@ def run(exp: Experiment, data: Inputs) -> Path:
     inputs = {"features": {f"{m}/fold{f}": sha256_file(layout.features(m, f) / "manifest.json")
                            for m in members for f in range(k)},
               "ensemble": cfg.model_dump(), "task": task.model_dump(mode="json")}
-    if manifest_problem(layout.ensemble, inputs) is None:
+    if manifest_problem(layout.ensemble, inputs, __name__) is None:
         log.info("ensemble: done already (%s)", layout.ensemble)
         return layout.report
     loaded = {m: load_member(layout, m, k, rows.ids, test.ids if test is not None else None) for m in members}
@@ -104,8 +66,11 @@ def run(exp: Experiment, data: Inputs) -> Path:
     oof = {m: (f.oof_hidden, f.oof_probs) for m, f in loaded.items()}
     stacks = [s for s, hidden in STACKS.items() if not hidden or any(oof[m][0] is not None for m in active)]
     xs = {s: stack_matrix([oof[m] for m in active], STACKS[s]) for s in stacks}
-    heads = _train_heads(exp, plan_stage(exp, exp.backbones), xs, y, inner)
-    head_runs = heads.pop("_runs")
+    stage = plan_stage(exp, exp.backbones)
+    biggest = max(x.nbytes for x in xs.values())
+    placement = place("heads", 3 * biggest + 64 * 2**20, budget_gb=stage.budget_gb, physical_gb=stage.shape.physical_gb,
+                      use_gpu=stage.device.schedule_gpu, cpus=1, max_trials_per_card=exp.resources.max_trials_per_card)
+    heads, head_runs = fit_heads(xs, y, inner, cfg, task.multi_label, placement, stage.device.device)
 
     # Every row of the comparison, scored with cross-fitted rules; candidates are what may be submitted.
     candidates = active + (list(SIMPLE) if len(active) > 1 else []) + stacks
@@ -168,7 +133,7 @@ def run(exp: Experiment, data: Inputs) -> Path:
     files.append(write_json(layout.decision, {
         "candidate": chosen, "rule": rule, "params": params, "members": members, "active": active,
         "stacks": stacks, "hidden_sizes": cfg.hidden_sizes, "inner_folds": cfg.inner_folds, "k": k}))
-    write_manifest(layout.ensemble, inputs=inputs, files=files)
+    write_manifest(layout.ensemble, inputs=inputs, files=files, code=__name__)
     log.info("%s", report_markdown(report).split("\n## Per label")[0])
     return layout.report
 

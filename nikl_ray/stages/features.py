@@ -94,7 +94,7 @@ def _save(d: Path, out: dict, inputs: dict) -> None:
         for key in ("hidden", "probs"):
             if arrays[key] is not None:
                 files.append(save_npy(d / f"{part}_{key}.npy", arrays[key]))
-    write_manifest(d, inputs=inputs, files=files)
+    write_manifest(d, inputs=inputs, files=files, code=__name__)
 
 
 def run(exp: Experiment, data: Inputs) -> Path:
@@ -137,7 +137,7 @@ def run(exp: Experiment, data: Inputs) -> Path:
                                  memory_fraction=p.memory_fraction if stage.device.device == "cuda" else None)
                 fn, opts = neural_features, {"num_cpus": p.cpus, "num_gpus": p.gpu_share}
             d = layout.features(member, fold)
-            why = manifest_problem(d, inputs)
+            why = manifest_problem(d, inputs, __name__)
             if why is None:
                 continue
             log.info("features %s-fold%d: %s → computing", member, fold, why)

@@ -24,11 +24,11 @@ def run(exp, rows: Rows) -> dict:
     layout = exp.layout
     inputs = {"data_hash": rows.data_hash(), "k": exp.folds.k, "seed": exp.folds.seed, "selection": exp.folds.selection,
               "task": exp.task.model_dump(mode="json")}
-    why = manifest_problem(layout.split, inputs)
+    why = manifest_problem(layout.split, inputs, __name__)
     if why is None:
         return read_json(layout.folds)
     log.info("split: %s → making %d folds of %d rows", why, exp.folds.k, len(rows))
     manifest = make_folds(rows, exp.folds.k, exp.folds.seed, exp.folds.selection)
     write_json(layout.folds, manifest)
-    write_manifest(layout.split, inputs=inputs, files=[layout.folds])
+    write_manifest(layout.split, inputs=inputs, files=[layout.folds], code=__name__)
     return manifest

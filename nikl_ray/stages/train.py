@@ -38,7 +38,7 @@ def fresh_run_dir(d: Path, inputs: dict) -> None:
     wrong after a change. A folder made for other inputs (or other code) is cleared first."""
     import shutil
 
-    marker = {"inputs": inputs, "code_version": code_version()}
+    marker = {"inputs": inputs, "code_version": code_version(__name__)}
     path = d / "run_inputs.json"
     if d.exists() and (not path.exists() or read_json(path) != marker):
         log.info("train %s: made for other inputs or code: starting it over", d.name)
@@ -78,7 +78,7 @@ def run(exp: Experiment, data: Inputs, *, backbones: list[str] | None = None) ->
     runs, status = [], {}
     for spec in specs:
         for fold in range(folds["k"]):
-            why = manifest_problem(layout.pair(spec.name, fold), pair_inputs(exp, spec, fold, folds))
+            why = manifest_problem(layout.pair(spec.name, fold), pair_inputs(exp, spec, fold, folds), __name__)
             if why is None:
                 status[(spec.name, fold)] = "skipped (done)"
                 continue
@@ -95,7 +95,7 @@ def run(exp: Experiment, data: Inputs, *, backbones: list[str] | None = None) ->
         best = Path(out["best_checkpoint"])
         summary = summarize(run, out)
         vouched = [f for f in (best / HF_CHECKPOINT).iterdir() if f.suffix in (".safetensors", ".json")]
-        write_manifest(d, inputs=pair_inputs(exp, run.backbone, run.fold, folds), files=vouched,
+        write_manifest(d, inputs=pair_inputs(exp, run.backbone, run.fold, folds), files=vouched, code=__name__,
                        extra={"best_checkpoint": str(best.relative_to(d.resolve()) / HF_CHECKPOINT), **summary})
         (d / "failed.json").unlink(missing_ok=True)
         status[(run.backbone.name, run.fold)] = "trained"

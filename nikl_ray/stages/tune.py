@@ -84,7 +84,7 @@ def run(exp: Experiment, data: Inputs, backbone: str, *, space_path: str | Path 
     inputs = {"backbone": spec.model_dump(mode="json"), "space": sha256_file(space_path), "num_samples": num_samples,
               "fold": fold, "grace_period": grace_period, "prune_metric": prune_metric, "seed": seed,
               "data_hash": folds["data_hash"], "held_out_hash": held_out_hash(folds, fold), "task": exp.task.model_dump(mode="json")}
-    why = manifest_problem(out_dir, inputs)
+    why = manifest_problem(out_dir, inputs, __name__)
     if why is None:
         log.info("tune %s: done already (%s)", backbone, layout.best_config(backbone))
         return layout.best_config(backbone)
@@ -131,7 +131,7 @@ def run(exp: Experiment, data: Inputs, backbone: str, *, space_path: str | Path 
                            run_config=tune.RunConfig(name="search", storage_path=str(out_dir), verbose=1))
     results = tuner.fit()
     best = write_leaderboard(out_dir, spec, list(space), results, metric)
-    write_manifest(out_dir, inputs=inputs, files=[best, out_dir / "leaderboard.csv"])
+    write_manifest(out_dir, inputs=inputs, files=[best, out_dir / "leaderboard.csv"], code=__name__)
     return best
 
 
