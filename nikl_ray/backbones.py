@@ -36,6 +36,52 @@ DEFAULT_LORA_TARGETS = {
 ENCODER_TYPES = {"electra", "bert", "roberta", "xlm-roberta", "deberta", "deberta-v2"}
 
 
+class CorpusSource(BaseModel):
+    """One file of unlabeled text for pretraining (see nikl_ray/corpus.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    path: str = Field(description="A jsonl, tsv/csv or plain-text file.")
+    format: Literal["jsonl", "tsv", "csv", "lines"] | None = Field(None, description="Default: from the file.")
+    field: str | None = Field(None, description="jsonl: a dotted field; tsv/csv: a column. Default: the usual ones.")
+
+
+class PretrainConfig(BaseModel):
+    """Continue pretraining a backbone on unlabeled in-domain text before its folds (all its weights)."""
+
+    model_config = ConfigDict(extra="forbid")
+    corpus: list[CorpusSource] = Field(min_length=1, description="Files of text; a plain path is read by its format.")
+    objective: Literal["mlm", "clm"] | None = Field(None, description="mlm (masked LM) or clm (causal LM); default: "
+                                                                      "mlm for encoders, clm for decoders.")
+    minutes: float | None = Field(None, gt=0, description="Wall-clock budget; default 10 when `steps` is not given.")
+    steps: int | None = Field(None, ge=1, description="Optimizer steps (instead of minutes).")
+    max_length: int = Field(64, ge=8, le=8192, description="Tokens per text after truncation.")
+    lr: float = Field(5e-4, gt=0, lt=1)
+    batch_size: int = Field(64, ge=1, description="Per worker.")
+    mask_probability: float = Field(0.15, gt=0, lt=1, description="mlm: share of tokens masked.")
+    num_workers: int | None = Field(None, ge=1, description="Ray Train data-parallel workers; default: all the cluster "
+                                                            "offers (one per card on GPU; on CPU, its CPUs / cpus_per_worker).")
+    cpus_per_worker: float | None = Field(None, gt=0, description="CPUs each worker holds (its torch threads); default "
+                                                                  "resources.cpus_per_trial.")
+    heldout: float = Field(0.01, ge=0, lt=0.5, description="Share of the texts (at most 2,000) kept for perplexity.")
+    include_test: bool = Field(False, description="Also pretrain on the task's own test file (left out by default, "
+                                                  "so held-out scores stay honest).")
+    save_every_steps: int = Field(200, ge=1, description="Checkpoint interval (what a killed run resumes from).")
+    seed: int = 0
+
+    @field_validator("corpus", mode="before")
+    @classmethod
+    def _paths(cls, v):
+        return [{"path": x} if isinstance(x, (str, Path)) else x for x in (v or [])]
+
+    @model_validator(mode="after")
+    def _budget(self) -> "PretrainConfig":
+        if self.minutes and self.steps:
+            raise ValueError("give minutes or steps, not both")
+        if not self.minutes and not self.steps:
+            self.minutes = 10.0
+        return self
+
+
 class BackboneSpec(BaseModel):
     """One backbone and how to tune it. Every field is documented here; YAML keys match."""
 
@@ -54,7 +100,7 @@ class BackboneSpec(BaseModel):
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
     lora_targets: list[str] | None = Field(None, description="Modules to adapt; per-architecture default when left out.")
     target_encoding: Literal["inline", "markers", "pair", "none"] = Field(
-        "markers", description="inline: `<t1>` `<t2>` around the target at its own position in the text; "
+        "inline", description="inline: `<t1>` `<t2>` around the target at its own position in the text; "
                                "markers: `{text}<t1>{target}<t2>` (which occurrence is meant is lost); "
                                "pair: text and target as a sentence pair; none: text only. "
                                "The marker tokens are added as special tokens (embeddings resized).")
@@ -75,6 +121,7 @@ class BackboneSpec(BaseModel):
                                                "accumulation (same effective batch), down to batch size 1.")
     trust_remote_code: bool = Field(False, description="Run code shipped with the checkpoint. Off unless you trust it.")
     params: float | None = Field(None, gt=0, description="Parameter count for the memory estimate; read from the config when left out.")
+    pretrain: PretrainConfig | None = Field(None, description="Continue pretraining on unlabeled text first (`nikl-ray pretrain`).")
 
     @field_validator("checkpoint")
     @classmethod
@@ -107,6 +154,12 @@ class BackboneSpec(BaseModel):
     def alpha(self) -> float:
         """The LoRA alpha in effect."""
         return float(self.lora_alpha) if self.lora_alpha is not None else self.lora_alpha_ratio * self.lora_r
+
+    @property
+    def objective(self) -> str:
+        """The pretraining objective in effect."""
+        return (self.pretrain.objective if self.pretrain and self.pretrain.objective
+                else "mlm" if self.family == "encoder" else "clm")
 
     @property
     def uses_markers(self) -> bool:

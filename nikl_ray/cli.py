@@ -1,7 +1,7 @@
 """`nikl-ray`: one command per stage, the same functions the ray jobs call.
 
     nikl-ray demo                                          # everything, on the shipped demo data
-    nikl-ray pipeline --config my.yaml --local             # split → (tune) → train → features → ensemble → submit
+    nikl-ray pipeline --config my.yaml --local             # split → (pretrain) → (tune) → train → features → ensemble
     nikl-ray train --config my.yaml --local                # one stage
     nikl-ray status --config my.yaml                       # where a run stands (from another shell too)
     ray job submit --runtime-env ray_jobs/runtime_env.yaml -- python ray_jobs/pipeline.py --config my.yaml  # cluster
@@ -136,6 +136,17 @@ def cmd_make_backbones(args) -> int:
     return 0
 
 
+def cmd_pretrain(args) -> int:
+    from nikl_ray.config import build_tiny
+    from nikl_ray.stages import pretrain
+
+    exp = _experiment(args)
+    _connect(args, exp)
+    for name, path in pretrain.run(build_tiny(exp), backbones=args.backbone).items():
+        print(f"{name}: {path}")
+    return 0
+
+
 def cmd_train(args) -> int:
     from nikl_ray.stages import train
 
@@ -186,7 +197,13 @@ def cmd_demo(args) -> int:
     """The whole pipeline on the shipped demo data with tiny backbones, on this machine."""
     args.config, args.local, args.tune = str(EXAMPLE), True, False
     args.results = args.results or "results/demo"
-    return cmd_pipeline(args)
+    code = cmd_pipeline(args)
+    flags = f"--config {EXAMPLE} --results {args.results}"
+    print(f"\nNext, with the finished demo run:\n"
+          f"  nikl-ray explain {flags} --text '오늘 경기 보고 진짜 너무 무서워'\n"
+          f"  nikl-ray serve {flags} --local      # then: curl -s 127.0.0.1:8000/predict -d '{{\"text\": \"새 앨범 빨리 듣고 싶다\"}}'\n"
+          f"  nikl-ray select {flags} --pool {EXAMPLE.parent.parent / 'demo_data' / 'test.jsonl'} --n 20")
+    return code
 
 
 def cmd_predict(args) -> int:
@@ -198,6 +215,58 @@ def cmd_predict(args) -> int:
     for name, p in probs.items():
         print(f"{name:<14} {p:.3f}{'  ✓' if name in labels else ''}")
     print(f"labels: {', '.join(labels) or '(none)'}   ({predictor.candidate}, rule {predictor.rule})")
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from nikl_ray.config import prepare
+    from nikl_ray.explain import explain, write_html
+    from nikl_ray.predictor import Predictor
+
+    exp = prepare(_experiment(args))
+    e = explain(Predictor.load(exp), args.text, args.target)
+    for label in e.labels:
+        print(f"{label:<14} {e.probs[label]:.3f}  {e.marked(label)}")
+    if not e.labels:
+        print("(no label predicted)")
+    path = write_html(e, args.html or exp.layout.ensemble / "explain.html")
+    print(f"highlights: {path}")
+    return 0
+
+
+def cmd_select(args) -> int:
+    from nikl_ray.config import prepare
+    from nikl_ray.data import read_rows
+    from nikl_ray.predictor import Predictor
+    from nikl_ray.select import rank, write_selection
+
+    exp = prepare(_experiment(args))
+    pool = read_rows(args.pool, exp.task, labelled=False)
+    ranked = rank(Predictor.load(exp), pool, read_rows(exp.train, exp.task).texts, args.rarity_weight)
+    suffix = ".txt" if exp.task.format == "tsv" else ".jsonl"
+    path = write_selection(pool, ranked, args.n, args.out or exp.layout.root / "selection" / f"next_{args.n}{suffix}")
+    for r in ranked[:5]:
+        print(f"{r['score']:.3f} (uncertainty {r['uncertainty']:.2f}, rarity {r['rarity']:.2f})  {pool.texts[r['index']][:60]}")
+    print(f"{min(args.n, len(ranked))} of {len(pool)} rows to label next: {path}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import time
+
+    from nikl_ray.serve import deploy
+
+    exp = _experiment(args)
+    _connect(args, exp)
+    url = deploy(args.config, exp.results, host=args.host, port=args.port, replicas=args.replicas)
+    print(f"serving {exp.results} at {url}  (GET {url}/health, POST {url}/predict)")
+    print(f"""  curl -s {url}/predict -H 'Content-Type: application/json' -d '{{"text": "오늘 영화 너무 좋다", "explain": true}}'""")
+    if args.local:  # the local Ray instance lives as long as this process
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
     return 0
 
 
@@ -246,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", nargs="+", default=[str(Path(__file__).parent / "demo_data" / "train.jsonl")])
     p.add_argument("--out", required=True)
     p.add_argument("--kinds", nargs="+", default=["electra", "roberta", "gpt_neox", "llama"])
+    p = command("pretrain", cmd_pretrain, "continue pretraining backbones on unlabeled text (their `pretrain:`), "
+                                          "on several Ray Train workers")
+    p.add_argument("--backbone", action="append", help="only this backbone (repeatable)")
     p = command("train", cmd_train, "train every fold × backbone as Ray Train runs")
     p.add_argument("--backbone", action="append", help="only this backbone (repeatable)")
     p = command("tune", cmd_tune, "Ray Tune + Optuna search per backbone; leaderboard and best_config.yaml "
@@ -261,7 +333,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent", type=int, help="run at most this many trials at once (default: all that fit)")
     command("features", cmd_features, "out-of-fold and test features of every fold model")
     command("ensemble", cmd_ensemble, "train the stacked heads, compare every candidate, write report and submissions")
-    p = command("pipeline", cmd_pipeline, "split → (tune) → train → features → ensemble → submit, skipping finished stages")
+    p = command("pipeline", cmd_pipeline, "split → (pretrain) → (tune) → train → features → ensemble → submit, "
+                                          "skipping finished stages")
     p.add_argument("--tune", action="store_true", help="search hyper-parameters first for backbones with a search space")
     p = command("demo", cmd_demo, "the whole pipeline on the shipped demo data with tiny backbones (CPU, minutes)", False)
     p.add_argument("--results", help="results root (default results/demo)")
@@ -271,6 +344,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--results", help="results root (overrides the experiment's)")
     p.add_argument("--text", required=True)
     p.add_argument("--target", help="the target span (NIKL); leave out for the whole text")
+    p = command("explain", cmd_explain, "which words made a finished run give its labels (text marks and an HTML file)",
+                False)
+    p.add_argument("--config", required=True)
+    p.add_argument("--results", help="results root (overrides the experiment's)")
+    p.add_argument("--text", required=True)
+    p.add_argument("--target", help="the target span (NIKL)")
+    p.add_argument("--html", help="where to write the shaded text (default <results>/ensemble/explain.html)")
+    p = command("select", cmd_select, "rank unlabeled rows for labelling by the run's uncertainty and their rarity", False)
+    p.add_argument("--config", required=True)
+    p.add_argument("--results", help="results root (overrides the experiment's)")
+    p.add_argument("--pool", required=True, nargs="+", help="unlabeled rows in the task's format")
+    p.add_argument("--n", type=int, default=200, help="how many to pick")
+    p.add_argument("--rarity-weight", type=float, default=0.5, help="score = uncertainty + weight × rarity")
+    p.add_argument("--out", help="where to write them (default <results>/selection/next_<n>.jsonl|.txt)")
+    p = command("serve", cmd_serve, "serve a finished run on Ray Serve (POST /predict, GET /health)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--replicas", type=int, default=1)
     p = command("status", cmd_status, "where a run stands: stages, runs, trials (works while it runs and after); "
                                       "exit 1 when something failed", False)
     p.add_argument("--config", required=True)

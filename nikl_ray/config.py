@@ -175,6 +175,10 @@ def parse_experiment(raw: dict, base_dir: str | Path = ".", where: str = "<exper
         b = {**defaults, **b}
         if "checkpoint" in b:
             b["checkpoint"] = _resolve(base, b["checkpoint"])
+        if isinstance(b.get("pretrain"), dict) and isinstance(b["pretrain"].get("corpus"), list):
+            b["pretrain"] = {**b["pretrain"], "corpus": [
+                {**c, "path": _resolve(base, str(c.get("path")))} if isinstance(c, dict) else _resolve(base, str(c))
+                for c in b["pretrain"]["corpus"]]}
         backbones.append(b)
     raw["backbones"], raw["pinned"] = backbones, pinned
     try:
@@ -222,27 +226,50 @@ def apply_tuned(exp: Experiment) -> Experiment:
     return exp.with_backbones(specs)
 
 
+def pretrain_corpus(exp: Experiment, spec: BackboneSpec) -> tuple[list[str], dict]:
+    """The texts `spec` pretrains on (the task's test file left out unless `include_test`)."""
+    from nikl_ray.corpus import read_corpus
+
+    return read_corpus(spec.pretrain.corpus, exclude=[] if spec.pretrain.include_test or not exp.test else [exp.test])
+
+
 def build_tiny(exp: Experiment) -> Experiment:
-    """Build (once) the tiny random-init checkpoints `tiny:<kind>` backbones name; point the specs at them."""
+    """Build (once) the tiny random-init checkpoints `tiny:<kind>` backbones name; point the specs at
+    them. The tokenizer is trained on the task's training text, or, for a backbone that pretrains,
+    on its pretraining corpus (a checkpoint of its own)."""
+    from nikl_ray.corpus import corpus_hash
     from nikl_ray.data import read_rows
     from nikl_ray.tiny import TINY_KINDS, make_tiny_backbone
 
-    specs, texts = [], None
+    specs, task_texts = [], None
     for spec in exp.backbones:
         if spec.checkpoint.startswith("tiny:"):
             kind = spec.checkpoint.removeprefix("tiny:")
             if kind not in TINY_KINDS:
                 raise ConfigError(f"backbone {spec.name}: unknown tiny kind {kind!r}; choose from {TINY_KINDS}")
-            out = exp.layout.tiny(kind)
+            corpus = corpus_hash(spec.pretrain.corpus) if spec.pretrain else None
+            out = exp.layout.tiny(f"{kind}-{corpus[:10]}" if corpus else kind)
             if not (out / "config.json").exists():
-                texts = texts if texts is not None else read_rows(exp.train, exp.task).texts
-                log.info("building tiny %s backbone in %s (tokenizer trained on %d rows)", kind, out, len(texts))
+                if corpus:
+                    texts = pretrain_corpus(exp, spec)[0]
+                else:
+                    texts = task_texts = task_texts if task_texts is not None else read_rows(exp.train, exp.task).texts
+                log.info("building tiny %s backbone in %s (tokenizer trained on %d texts)", kind, out, len(texts))
                 make_tiny_backbone(kind, texts, out)
             spec = spec.model_copy(update={"checkpoint": str(out)})
         specs.append(spec)
     return exp.with_backbones(specs)
 
 
+def apply_pretrained(exp: Experiment) -> Experiment:
+    """Backbones whose pretraining finished start from its checkpoint."""
+    specs = []
+    for spec in exp.backbones:
+        done = spec.pretrain and (exp.layout.pretrain(spec.name) / "manifest.json").exists()
+        specs.append(spec.model_copy(update={"checkpoint": str(exp.layout.pretrained(spec.name))}) if done else spec)
+    return exp.with_backbones(specs)
+
+
 def prepare(exp: Experiment) -> Experiment:
-    """The experiment the stages run: tiny checkpoints built, tuned values applied."""
-    return apply_tuned(build_tiny(exp))
+    """The experiment the stages run: tiny checkpoints built, pretrained checkpoints and tuned values applied."""
+    return apply_tuned(apply_pretrained(build_tiny(exp)))

@@ -3,6 +3,7 @@
     <results>/
       split/            folds.json (held-out and selection ids per fold) + manifest
       tiny_backbones/   tiny random-init checkpoints built for `tiny:<kind>` backbones
+      pretrain/<backbone>/        its pretraining run, `model/` (the checkpoint later stages use), report
       tune/<backbone>/  the Tune search, optuna.db, leaderboard, best_config.yaml, manifest
       train/<backbone>-fold<k>/   one Ray Train run: checkpoints, manifest (Ray's run name)
       train/summary.{csv,md}
@@ -35,6 +36,14 @@ class Layout:
     # tiny backbones
     def tiny(self, kind: str) -> Path:
         return self.root / "tiny_backbones" / kind
+
+    # pretrain
+    def pretrain(self, backbone: str) -> Path:
+        return self.root / "pretrain" / backbone
+
+    def pretrained(self, backbone: str) -> Path:
+        """The pretrained checkpoint later stages start from."""
+        return self.pretrain(backbone) / "model"
 
     # tune
     def tune(self, backbone: str) -> Path:
@@ -93,5 +102,5 @@ class Layout:
 
     def stages(self) -> dict[str, Path]:
         """Each stage's folder that holds (or whose children hold) its manifests, in pipeline order."""
-        return {"split": self.split, "tune": self.root / "tune", "train": self.train, "features": self.features_root,
-                "ensemble": self.ensemble}
+        return {"split": self.split, "pretrain": self.root / "pretrain", "tune": self.root / "tune", "train": self.train,
+                "features": self.features_root, "ensemble": self.ensemble}

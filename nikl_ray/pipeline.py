@@ -1,6 +1,6 @@
 """The stages in order, each skipped when its manifest is complete: one entry for the CLI and the ray jobs.
 
-    split → (tune) → train → features → ensemble → submit
+    split → (pretrain) → (tune) → train → features → ensemble → submit
 
 Every stage is `run(exp, data, …)` from nikl_ray.stages: it reads the artifacts of the stages
 before it (through the experiment's Layout), writes its own with a manifest, skips itself when
@@ -14,7 +14,7 @@ import logging
 import time
 from pathlib import Path
 
-from nikl_ray.config import Experiment, apply_tuned, build_tiny
+from nikl_ray.config import Experiment, apply_pretrained, apply_tuned, build_tiny
 from nikl_ray.inputs import load_inputs
 
 log = logging.getLogger(__name__)
@@ -36,13 +36,16 @@ class Clock:
 
 def run_pipeline(exp: Experiment, *, tune: bool = False) -> dict:
     """Every stage in order; returns where things are and how long each stage took."""
-    from nikl_ray.stages import ensemble, features, split, train
+    from nikl_ray.stages import ensemble, features, pretrain, split, train
     from nikl_ray.stages import tune as tune_stage
 
     clock = Clock()
     data = clock("load", load_inputs, exp)
     clock("split", split.run, exp, data.rows)
     exp = build_tiny(exp)
+    if any(b.pretrain for b in exp.backbones):
+        clock("pretrain", pretrain.run, exp)
+    exp = apply_pretrained(exp)
     if tune:
         for spec in exp.backbones:
             if spec.name in exp.search_spaces:

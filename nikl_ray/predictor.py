@@ -79,22 +79,39 @@ class Predictor:
             hidden[idx], probs[idx] = h, p
         return hidden, probs
 
-    def predict(self, rows: TextRows) -> Prediction:
-        keys = rows.keys()
+    def predict(self, rows: TextRows, keys: list[str] | None = None) -> Prediction:
+        """Probabilities and labels of rows. `keys` routes rows as other rows would be (explain reads
+        every masked variant of a sentence with the sentence's own fold model and heads)."""
+        keys = keys or rows.keys()
         folds, inner = assign(keys, self.k, "fold"), assign(keys, self.inner_folds, "inner")
         features = {m: self._features(m, rows, folds) for m in self.members}
         active = [m for m in self.decision["active"] if m in features]
         probs = candidate_probs(self.candidate, features, active, self.heads, inner, self.task.multi_label)
         return Prediction(probs, decide(probs, self.rule, self.params), self.candidate, self.rule)
 
-    def predict_text(self, text: str, target: str | None = None) -> tuple[dict[str, float], list[str]]:
-        """({label: probability}, chosen labels) for one sentence; the target's first occurrence is the span."""
-        span = None
-        if target:
-            begin = text.find(target)
-            if begin < 0:
+    def thresholds(self) -> np.ndarray:
+        """Each label's decision threshold under the rule (0.5 for threshold_0.5; argmax rules have none: nan)."""
+        labels = len(self.task.labels)
+        if "thresholds" in self.params:
+            return np.asarray(self.params["thresholds"], dtype=float)
+        if "threshold" in self.params:
+            return np.full(labels, self.params["threshold"], dtype=float)
+        return np.full(labels, 0.5 if self.rule == "threshold_0.5" else np.nan)
+
+    @staticmethod
+    def rows_of(texts: list[str], targets: list[str | None] | None = None) -> TextRows:
+        """Rows from raw sentences; a target's first occurrence in its text is its span."""
+        targets = targets or [None] * len(texts)
+        spans = []
+        for text, target in zip(texts, targets):
+            begin = text.find(target) if target else -1
+            if target and begin < 0:
                 raise ValueError(f"the target {target!r} does not occur in the text")
-            span = (begin, begin + len(target))
-        out = self.predict(TextRows([text], [target or None], [span]))
+            spans.append((begin, begin + len(target)) if target else None)
+        return TextRows(list(texts), [t or None for t in targets], spans)
+
+    def predict_text(self, text: str, target: str | None = None) -> tuple[dict[str, float], list[str]]:
+        """({label: probability}, chosen labels) for one sentence."""
+        out = self.predict(self.rows_of([text], [target]))
         return (dict(zip(self.task.labels, map(float, out.probs[0]))),
                 [lab for lab, d in zip(self.task.labels, out.decisions[0]) if d])

@@ -1,0 +1,152 @@
+"""The Ray Train loop that continues a backbone's pretraining (masked or causal LM) on unlabeled text.
+
+The one job of the system that is a single large run, so it runs on several data-parallel Ray
+Train workers (TorchTrainer: DDP, gloo on CPU, NCCL on GPU); HF Trainer shards the batches.
+It stops at its step count or time budget (all workers agree on the step: rank 0's clock is
+shared every few steps), checkpoints every `save_every_steps` through Ray's report callback
+(what a killed run resumes from), prints steps/s, tokens/s, loss and perplexity as it goes,
+and, on rank 0, saves the model (safetensors) and tokenizer for the later stages.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from nikl_ray.backbones import BackboneSpec
+from nikl_ray.runspec import HF_CHECKPOINT
+
+log = logging.getLogger(__name__)
+FINAL = "final.json"
+STOP_CHECK_STEPS = 10  # how often the workers agree on the time budget
+
+
+@dataclass(frozen=True)
+class PretrainRun:
+    backbone: BackboneSpec
+    texts: object  # ObjectRef of the training texts
+    heldout: object  # ObjectRef of the held-out texts
+    name: str
+    storage: str
+    model_dir: str
+    num_workers: int
+    device: str
+    precision: str
+    resources: dict
+    max_failures: int
+
+
+def pretrain_loop(config: dict) -> None:
+    started = time.time()
+    from nikl_ray.worker import quiet_worker
+
+    run: PretrainRun = config["run"]
+    quiet_worker(False)
+    for name in ("ray.train", None):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    import ray
+    import ray.train
+    import torch
+    import torch.distributed as dist
+    from datasets import Dataset
+    from ray.train.huggingface.transformers import RayTrainReportCallback
+    from transformers import (AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling,
+                              PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed)
+
+    from nikl_ray.backbones import quiet_transformers
+
+    quiet_transformers()
+    spec, cfg = run.backbone, run.backbone.pretrain
+    rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
+    set_seed(cfg.seed)
+    on_cuda = run.device == "cuda" and torch.cuda.is_available()
+    tokenizer = AutoTokenizer.from_pretrained(spec.checkpoint, trust_remote_code=spec.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    mlm = spec.objective == "mlm"
+    model = (AutoModelForMaskedLM if mlm else AutoModelForCausalLM).from_pretrained(
+        spec.checkpoint, trust_remote_code=spec.trust_remote_code)
+
+    def dataset(texts):
+        return Dataset.from_dict({"text": texts}).map(
+            lambda b: tokenizer(b["text"], truncation=True, max_length=cfg.max_length), batched=True, remove_columns=["text"])
+
+    train_ds = dataset(ray.get(run.texts))
+    held_ds = dataset(ray.get(run.heldout))
+    budget = cfg.minutes * 60 if cfg.minutes else None
+
+    class Budget(TrainerCallback):
+        """Stops every worker at the same step once rank 0's clock (over all attempts) passes the budget,
+        and prints progress on rank 0."""
+
+        spent_before = 0.0
+        t0 = tokens0 = step0 = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.spent_before = next((h["pretrain_seconds"] for h in reversed(state.log_history) if "pretrain_seconds" in h), 0.0)
+            self.t0, self.tokens0, self.step0 = time.time(), state.num_input_tokens_seen, state.global_step
+
+        def spent(self) -> float:
+            return self.spent_before + time.time() - self.t0
+
+        def on_step_end(self, args, state, control, **kw):
+            if budget and state.global_step % STOP_CHECK_STEPS == 0:
+                stop = torch.tensor([1.0 if self.spent() >= budget else 0.0])
+                if dist.is_available() and dist.is_initialized():
+                    dist.broadcast(stop, src=0)
+                control.should_training_stop = bool(stop.item())
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            logs = logs or {}
+            if "loss" in logs:
+                state.log_history.append({"pretrain_seconds": self.spent(), "step": state.global_step})
+                if rank == 0:
+                    dt = max(time.time() - self.t0, 1e-9)
+                    print(f"{run.name} step {state.global_step}: loss {logs['loss']:.4f} (perplexity "
+                          f"{math.exp(min(logs['loss'], 20)):.1f}), {(state.global_step - self.step0) / dt:.2f} steps/s, "
+                          f"{(state.num_input_tokens_seen - self.tokens0) / dt:.0f} tokens/s, {self.spent():.0f} s"
+                          + (f" of {budget:.0f}" if budget else ""), flush=True)
+
+    args = TrainingArguments(
+        output_dir=os.path.join(run.storage, run.name, "hf"), max_steps=cfg.steps or 10**9, learning_rate=cfg.lr,
+        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size, weight_decay=0.01,
+        warmup_steps=0.05 if cfg.steps else 0, lr_scheduler_type="linear" if cfg.steps else "constant",
+        logging_steps=STOP_CHECK_STEPS * 2, save_strategy="steps", save_steps=cfg.save_every_steps, save_total_limit=1,
+        report_to="none", disable_tqdm=True, seed=cfg.seed, data_seed=cfg.seed, use_cpu=not on_cuda,
+        bf16=on_cuda and run.precision == "bf16", fp16=on_cuda and run.precision == "fp16",
+        ddp_find_unused_parameters=False, dataloader_num_workers=0, include_num_input_tokens_seen="non_padding")
+    trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=held_ds,
+                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=mlm, mlm_probability=cfg.mask_probability),
+                      processing_class=tokenizer, callbacks=[Budget(), RayTrainReportCallback()])
+    trainer.remove_callback(PrinterCallback)
+    checkpoint = ray.train.get_checkpoint()
+    resumed_from = 0
+    if checkpoint:  # a killed run: continue from its last checkpoint
+        with checkpoint.as_directory() as ckpt_dir:
+            path = os.path.join(ckpt_dir, HF_CHECKPOINT)
+            resumed_from = json.loads(Path(path, "trainer_state.json").read_text())["global_step"]
+            trainer.train(resume_from_checkpoint=path)
+    else:
+        trainer.train()
+    eval_loss = trainer.evaluate()["eval_loss"] if len(held_ds) else float("nan")
+    mine = {"rank": rank, "world_size": world, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
+            "steps": trainer.state.global_step - resumed_from, "seconds": time.time() - started}
+    out = Path(run.storage) / run.name
+    from nikl_ray.artifacts import write_json
+
+    write_json(out / f"worker{rank}.json", mine)
+    trainer.save_model(run.model_dir)  # safetensors, with the tokenizer (written by rank 0)
+    if rank == 0:
+        losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h and "step" in h]
+        write_json(out / FINAL, {
+            "steps": trainer.state.global_step, "resumed_from_step": resumed_from, "loss_curve": losses,
+            "tokens_seen": trainer.state.num_input_tokens_seen, "heldout_loss": eval_loss,
+            "heldout_perplexity": math.exp(min(eval_loss, 50)) if eval_loss == eval_loss else None,
+            "seconds": next((h["pretrain_seconds"] for h in reversed(trainer.state.log_history) if "pretrain_seconds" in h),
+                            None),
+            "world_size": world})

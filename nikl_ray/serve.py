@@ -1,0 +1,97 @@
+"""A finished run on Ray Serve: `POST /predict`, `GET /health`, on 127.0.0.1 unless configured.
+
+    nikl-ray serve --config my.yaml --local                     # http://127.0.0.1:8000
+    curl -s 127.0.0.1:8000/predict -d '{"text": "오늘 영화 너무 좋다", "target": "영화"}'
+    ray job submit --runtime-env ray_jobs/runtime_env.yaml -- python ray_jobs/serve.py --config my.yaml
+
+One deployment holds the whole run (fold models, the TF-IDF member, heads, rule) through the
+Predictor: a row needs exactly one fold model per member and the members are small next to a
+replica's overhead, so one replica answers a row end to end, with no network hop per member;
+`--replicas N` adds copies. Rows from concurrent requests are batched with Serve's own
+`@serve.batch` and answered in one Predictor call. A body is one row `{"text", "target"?,
+"explain"?}` or a list of them; the answer gives per row its labels, per-label probabilities and
+the rule (and word highlights with `"explain": true`). A bad request gets a 4xx with the reason;
+the replica keeps serving.
+"""
+
+import logging
+from pathlib import Path
+
+from fastapi import Body, FastAPI, HTTPException
+from pydantic import BaseModel, Field
+from ray import serve
+
+log = logging.getLogger(__name__)
+MAX_CHARS = 2000
+MAX_ROWS = 256
+
+app = FastAPI(title="nikl-ray")
+
+
+class Row(BaseModel):
+    text: str = Field(description="The sentence to label.")
+    target: str | None = Field(None, description="The span the emotion is about (must occur in the text).")
+    explain: bool = Field(False, description="Also return each word's effect on the predicted labels.")
+
+
+@serve.deployment(name="nikl-ray")
+@serve.ingress(app)
+class RunDeployment:
+    def __init__(self, config: str, results: str | None = None):
+        from nikl_ray.config import load_experiment, prepare
+        from nikl_ray.predictor import Predictor
+
+        exp = prepare(load_experiment(config, {"results": results} if results else None))
+        self.predictor = Predictor.load(exp)
+        self.needs_spans = exp.task.target_field is not None
+
+    @app.get("/health")
+    def health(self) -> dict:
+        p = self.predictor
+        return {"status": "ok", "task": p.task.name, "labels": p.task.labels, "candidate": p.candidate, "rule": p.rule}
+
+    def _check(self, row: Row) -> None:
+        if not row.text.strip():
+            raise HTTPException(400, "text is empty")
+        if len(row.text) > MAX_CHARS:
+            raise HTTPException(413, f"text has {len(row.text)} characters; at most {MAX_CHARS}")
+        if row.target is not None:
+            if not self.needs_spans:
+                raise HTTPException(400, f"task {self.predictor.task.name} has no target spans")
+            if not row.target or row.target not in row.text:
+                raise HTTPException(400, f"target {row.target!r} does not occur in the text")
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    async def _answer(self, rows: list[Row]) -> list[dict]:
+        p = self.predictor
+        out = p.predict(p.rows_of([r.text for r in rows], [r.target for r in rows]))
+        return [{"labels": [lab for lab, d in zip(p.task.labels, out.decisions[i]) if d],
+                 "probabilities": dict(zip(p.task.labels, map(float, out.probs[i]))), "rule": out.rule,
+                 "candidate": out.candidate} for i in range(len(rows))]
+
+    @app.post("/predict")
+    async def predict(self, body: Row | list[Row] = Body(...)) -> dict | list[dict]:
+        import asyncio
+
+        from nikl_ray.explain import explain
+
+        rows = body if isinstance(body, list) else [body]
+        if not rows or len(rows) > MAX_ROWS:
+            raise HTTPException(400, f"send 1 to {MAX_ROWS} rows")
+        for row in rows:
+            self._check(row)
+        answers = await asyncio.gather(*(self._answer(r) for r in rows))
+        for row, answer in zip(rows, answers):
+            if row.explain:
+                answer["explanation"] = explain(self.predictor, row.text, row.target).to_dict()
+        return answers if isinstance(body, list) else answers[0]
+
+
+def deploy(config: str | Path, results: str | Path | None = None, *, host: str = "127.0.0.1", port: int = 8000,
+           replicas: int = 1) -> str:
+    """Start Serve's HTTP proxy on host:port and deploy the run; returns its URL."""
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(RunDeployment.options(num_replicas=replicas).bind(str(Path(config).resolve()),
+                                                               str(results) if results else None),
+              name="nikl-ray", route_prefix="/")
+    return f"http://{host}:{port}"

@@ -1,0 +1,101 @@
+"""Pretraining on unlabeled text: corpus readers, two Ray Train workers, a kill and a resume, and the
+fold models starting from the pretrained weights."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import unicodedata
+
+import pytest
+import yaml
+
+from conftest import DEMO_DIR
+
+
+def test_the_corpus_reads_jsonl_tsv_and_lines_normalised_deduplicated_and_leaves_out_what_it_is_told(tmp_path):
+    from nikl_ray.backbones import CorpusSource
+    from nikl_ray.corpus import read_corpus, split_heldout
+
+    decomposed = unicodedata.normalize("NFD", "좋다")
+    (tmp_path / "a.jsonl").write_text(json.dumps({"id": 1, "input": {"form": "오늘 영화 좋다"}}, ensure_ascii=False) + "\n"
+                                      + json.dumps({"text": f"날씨 {decomposed}"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    (tmp_path / "b.txt").write_text("id\tdocument\tlabel\n1\t오늘 영화 좋다\t1\n2\t별로였다\t0\n", encoding="utf-8")
+    (tmp_path / "c.txt").write_text("첫 줄\n\n날씨 좋다\n", encoding="utf-8")
+    (tmp_path / "test.jsonl").write_text(json.dumps({"text": "시험 문장"}, ensure_ascii=False) + "\n", encoding="utf-8")
+    sources = [CorpusSource(path=str(tmp_path / n)) for n in ("a.jsonl", "b.txt", "c.txt", "test.jsonl")]
+    texts, info = read_corpus(sources, exclude=[tmp_path / "test.jsonl"])
+    assert texts == ["오늘 영화 좋다", "날씨 좋다", "별로였다", "첫 줄"]  # NFC, first occurrence kept, empty dropped
+    assert info["left_out"] == [str(tmp_path / "test.jsonl")] and info["read"] == 6
+    train, held = split_heldout([f"문장 {i}" for i in range(500)], 0.02, 0)
+    assert len(held) == 10 and not set(train) & set(held) and split_heldout([f"문장 {i}" for i in range(500)], 0.02, 0)[1] == held
+
+
+def _config(tmp_path) -> dict:
+    corpus = [str(DEMO_DIR / "train.jsonl"), str(DEMO_DIR / "test.jsonl")]  # the task's test file: left out
+    return {"task": "nikl-emotion", "train": str(DEMO_DIR / "train.jsonl"), "test": str(DEMO_DIR / "test.jsonl"),
+            "results": str(tmp_path / "res"), "folds": {"k": 2, "seed": 0}, "classical": False,
+            "backbones": [{"name": "neox", "checkpoint": "tiny:gpt_neox", "mode": "lora", "epochs": 1,
+                           "pretrain": {"corpus": corpus, "steps": 80, "batch_size": 16, "max_length": 40,
+                                        "save_every_steps": 20}}]}
+
+
+def _registered(run_dir) -> bool:
+    try:
+        return json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text()).get("latest_checkpoint_result") is not None
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+@pytest.mark.slow
+def test_pretraining_runs_two_workers_resumes_after_a_kill_and_the_folds_start_from_it(tmp_path, ray_local):
+    import numpy as np
+    from transformers import AutoModel
+
+    from nikl_ray.backbones import load_for_classification, load_tokenizer
+    from nikl_ray.config import build_tiny, parse_experiment, prepare
+    from nikl_ray.stages import pretrain
+
+    raw = _config(tmp_path)
+    config = tmp_path / "exp.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    run_dir = tmp_path / "res" / "pretrain" / "neox" / "neox-pretrain"
+    cmd = [sys.executable, "-m", "nikl_ray.cli", "pretrain", "--config", str(config), "--local", "--num-cpus", "2"]
+    log = open(tmp_path / "pretrain.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline and not _registered(run_dir):
+            assert proc.poll() is None, (tmp_path / "pretrain.log").read_text()[-3000:]
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (tmp_path / "res" / "pretrain" / "neox" / "manifest.json").exists()
+
+    exp = parse_experiment(raw)
+    pretrain.run(build_tiny(exp))  # the same command again: resumed, not started over
+    manifest = json.loads((tmp_path / "res" / "pretrain" / "neox" / "manifest.json").read_text())
+    assert manifest["steps"] == 80 and manifest["resumed_from_step"] > 0
+    assert sorted(w["rank"] for w in manifest["workers"]) == [0, 1] and all(w["steps"] > 0 for w in manifest["workers"])
+    losses = [c["loss"] for c in manifest["loss_curve"]]
+    assert len(losses) >= 3 and losses[-1] < losses[0], losses
+    assert manifest["corpus"]["left_out"] == [str(DEMO_DIR / "test.jsonl")]
+    assert (tmp_path / "res" / "pretrain" / "neox" / "report.md").exists()
+
+    # the fold models start from the pretrained weights, not from the random init
+    tiny = build_tiny(exp).backbones[0]
+    spec = prepare(exp).backbones[0]
+    assert spec.checkpoint == str(tmp_path / "res" / "pretrain" / "neox" / "model")
+    model = load_for_classification(spec, 8, True, load_tokenizer(spec))
+    body = {k.split("gpt_neox.", 1)[1].replace("base_layer.", ""): v for k, v in model.state_dict().items()
+            if "gpt_neox." in k and "lora" not in k}
+    pretrained = AutoModel.from_pretrained(spec.checkpoint).state_dict()
+    random_init = AutoModel.from_pretrained(tiny.checkpoint).state_dict()
+    layers = [k for k in body if k in pretrained and k.startswith("layers.") and body[k].shape == pretrained[k].shape]
+    assert len(layers) > 10, sorted(body)[:20]
+    for k in layers:  # at step 0, the classifier's body is the pretrained body
+        np.testing.assert_array_equal(body[k].numpy(), pretrained[k].numpy(), err_msg=k)
+    assert any(not np.array_equal(pretrained[k].numpy(), random_init[k].numpy()) for k in layers)
