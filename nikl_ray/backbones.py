@@ -6,9 +6,12 @@ A backbone is a checkpoint (a local HF directory or a hub id) plus how to tune i
 - `lora`: peft LoRA adapters on a 16-bit (GPU) or 32-bit (CPU) frozen base.
 - `qlora`: the base loaded in 4-bit NF4 by bitsandbytes, LoRA adapters on top.
 - `gptq`: a GPTQ-quantized checkpoint loaded by transformers' own GPTQ support, LoRA on top.
+- `prompt`: peft prompt tuning (decoders): `prompt_tokens` virtual token embeddings learned in
+  front of every row, and the classification head; the model itself stays frozen. (peft's
+  prefix tuning needs a `past_key_values` argument that transformers 5's GPT-NeoX no longer has.)
 
 Only the adapters (and the trained classification head and marker-token rows) are saved for
-the LoRA modes; the full model for `full`. Weights are read and written as safetensors.
+the adapter modes; the full model for `full`. Weights are read and written as safetensors.
 """
 
 from __future__ import annotations
@@ -92,13 +95,14 @@ class BackboneSpec(BaseModel):
     family: Literal["encoder", "decoder"] | None = Field(
         None, description="encoder (first-token pooling) or decoder (last-real-token pooling); "
                           "read from the checkpoint's model_type when left out.")
-    mode: Literal["full", "lora", "qlora", "gptq"] = Field("full", description="Tuning mode.")
+    mode: Literal["full", "lora", "qlora", "gptq", "prompt"] = Field("full", description="Tuning mode.")
     lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
     lora_alpha: int | None = Field(None, ge=1, description="LoRA alpha (scale = alpha / r); default lora_alpha_ratio × rank, "
                                                            "so the scale stays put while a search varies the rank.")
     lora_alpha_ratio: float = Field(2.0, gt=0, description="alpha = ratio × rank when lora_alpha is not given.")
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
     lora_targets: list[str] | None = Field(None, description="Modules to adapt; per-architecture default when left out.")
+    prompt_tokens: int = Field(20, ge=1, le=512, description="prompt mode: virtual tokens learned in front of every row.")
     target_encoding: Literal["inline", "markers", "pair", "none"] = Field(
         "inline", description="inline: `<t1>` `<t2>` around the target at its own position in the text; "
                                "markers: `{text}<t1>{target}<t2>` (which occurrence is meant is lost); "
@@ -138,6 +142,9 @@ class BackboneSpec(BaseModel):
             if mt is None:
                 raise ValueError(f"backbone {self.name}: give `family` (encoder|decoder); cannot read the checkpoint's model_type")
             self.family = "encoder" if mt in ENCODER_TYPES else "decoder"
+        if self.mode == "prompt" and self.family != "decoder":
+            raise ValueError(f"backbone {self.name}: mode prompt is for decoders (an encoder pools its first token, "
+                             "which would be a virtual one)")
         return self
 
     def model_type(self) -> str | None:
@@ -148,6 +155,11 @@ class BackboneSpec(BaseModel):
 
     @property
     def uses_lora(self) -> bool:
+        return self.mode in ("lora", "qlora", "gptq")
+
+    @property
+    def uses_adapter(self) -> bool:
+        """Only an adapter (and the head) trains and is saved; the checkpoint stays as it is."""
         return self.mode != "full"
 
     @property
@@ -190,6 +202,10 @@ def load_tokenizer(spec: BackboneSpec):
         tok.pad_token = tok.eos_token
     if spec.uses_markers and MARKERS[0] not in tok.get_vocab():
         tok.add_special_tokens({"additional_special_tokens": list(MARKERS)})
+    if spec.mode == "prompt":
+        # with virtual tokens the model sees embeddings, not ids, and its head reads the last
+        # position: the last real token must be there
+        tok.padding_side = "left"
     return tok
 
 
@@ -222,14 +238,16 @@ def load_for_classification(spec: BackboneSpec, num_labels: int, multi_label: bo
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # marker tokens added (padded vocabularies stay)
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
-    if not spec.uses_lora:
+    if not spec.uses_adapter:
         return model
-    from peft import LoraConfig, PeftModel, TaskType, get_peft_model, prepare_model_for_kbit_training
+    from peft import LoraConfig, PeftModel, PromptTuningConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
 
     if spec.mode in ("qlora", "gptq"):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     if adapter_dir is not None:
         return PeftModel.from_pretrained(model, adapter_dir)
+    if spec.mode == "prompt":
+        return get_peft_model(model, PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=spec.prompt_tokens))
     marker_ids = [tokenizer.convert_tokens_to_ids(m) for m in MARKERS] if spec.uses_markers else None
     config = LoraConfig(task_type=TaskType.SEQ_CLS, r=spec.lora_r, lora_alpha=spec.alpha,
                         lora_dropout=spec.lora_dropout, target_modules=spec.resolved_lora_targets(),
@@ -240,12 +258,12 @@ def load_for_classification(spec: BackboneSpec, num_labels: int, multi_label: bo
 
 def load_trained(spec: BackboneSpec, checkpoint_dir: str | Path, num_labels: int, multi_label: bool, *,
                  precision: str = "fp32"):
-    """(tokenizer, model in eval mode) of a trained fold checkpoint: the full model, or base + LoRA adapter."""
+    """(tokenizer, model in eval mode) of a trained fold checkpoint: the full model, or base + adapter."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     quiet_transformers()
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)  # saved with its marker tokens
-    if spec.uses_lora:
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)  # saved with its marker tokens (and padding side)
+    if spec.uses_adapter:
         model = load_for_classification(spec, num_labels, multi_label, tokenizer, precision=precision,
                                         adapter_dir=str(checkpoint_dir))
     else:

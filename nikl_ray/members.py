@@ -72,7 +72,10 @@ def embed(spec: BackboneSpec, tokenizer, model, rows: TextRows, multi_label: boo
             idx = order[start:start + batch_size]
             batch = collate([{k: enc[k][i] for k in enc} for i in idx]).to(device)
             out = model(**batch, output_hidden_states=True)
-            pooled = pool(out.hidden_states[-1], batch["attention_mask"], spec.family).float().cpu().numpy()
+            hidden, mask = out.hidden_states[-1], batch["attention_mask"]
+            if hidden.shape[1] > mask.shape[1]:  # prompt tuning: its virtual tokens come first
+                mask = torch.cat([mask.new_ones(len(mask), hidden.shape[1] - mask.shape[1]), mask], dim=1)
+            pooled = pool(hidden, mask, spec.family).float().cpu().numpy()
             probs = to_probs(out.logits.float().cpu().numpy(), multi_label)
             for j, i in enumerate(idx):
                 hidden_out[i], prob_out[i] = pooled[j], probs[j]

@@ -71,11 +71,14 @@ def lora_params(shape: ModelShape, targets: list[str], r: int) -> float:
 
 def estimate_memory_bytes(shape: ModelShape, *, mode: str, batch_size: int, max_length: int,
                           lora_r: int = 16, lora_targets: list[str] | None = None,
-                          gradient_checkpointing: bool = False) -> float:
+                          gradient_checkpointing: bool = False, prompt_tokens: int = 0) -> float:
     """Peak bytes PyTorch's allocator holds while training (the CUDA context is not included)."""
     embed = shape.vocab * shape.hidden
     if mode == "full":
         weights, trainable = shape.params * 4, shape.params
+    elif mode == "prompt":  # a frozen 16-bit model, the virtual tokens in front of every row
+        weights, trainable = shape.params * 2, prompt_tokens * shape.hidden
+        max_length += prompt_tokens
     else:
         body = shape.params - embed
         # k-bit training (peft's prepare_model_for_kbit_training) keeps the unquantized weights in fp32
@@ -189,6 +192,7 @@ def estimate_for(spec, device) -> float:
     shape = ModelShape.from_config(config, count_params(spec))
     return estimate_memory_bytes(shape, mode=spec.mode, batch_size=spec.batch_size, max_length=spec.max_length,
                                  lora_r=spec.lora_r, lora_targets=spec.resolved_lora_targets() if spec.uses_lora else None,
+                                 prompt_tokens=spec.prompt_tokens if spec.mode == "prompt" else 0,
                                  gradient_checkpointing=device.gradient_checkpointing(spec) if device.device == "cuda"
                                  else spec.family == "decoder" if spec.gradient_checkpointing is None
                                  else spec.gradient_checkpointing)

@@ -22,7 +22,7 @@ from nikl_ray.config import ConfigError
 SEARCH_SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 NOT_SEARCHABLE = {"name", "checkpoint", "family", "mode", "trust_remote_code", "params"}
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
-MEMORY_KEYS = ("lora_r", "batch_size", "max_length")  # what moves a trial's memory footprint
+MEMORY_KEYS = ("lora_r", "batch_size", "max_length", "prompt_tokens")  # what moves a trial's memory footprint
 
 
 class Range(BaseModel):
@@ -80,7 +80,8 @@ def _message(err: dict) -> str:
 
 
 def default_space_path(spec: BackboneSpec) -> Path:
-    return SEARCH_SPACES / f"{spec.family}_{'full' if spec.mode == 'full' else 'lora'}.yaml"
+    kind = {"full": "full", "prompt": "prompt"}.get(spec.mode, "lora")
+    return SEARCH_SPACES / f"{spec.family}_{kind}.yaml"
 
 
 def load_search_space(path: str | Path, base: BackboneSpec) -> dict[str, Distribution]:

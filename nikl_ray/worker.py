@@ -206,9 +206,9 @@ def train_fold(config: dict) -> None:
     def load():
         model = load_for_classification(spec, len(task.labels), task.multi_label, tokenizer, precision=run.precision,
                                         gradient_checkpointing=run.gradient_checkpointing)
-        if spec.uses_lora:
-            # Every new (marker) embedding row is a trainable token: its values are in the adapter,
-            # so the resized embedding matrix need not be saved with it.
+        if spec.uses_adapter:
+            # Every new (marker) embedding row is a trainable token (LoRA) or the mean init transformers
+            # gives it on every load (prompt): the resized embedding matrix need not be saved.
             model.save_pretrained = functools.partial(model.save_pretrained, save_embedding_layers=False)
         return model
 

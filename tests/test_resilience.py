@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -16,7 +15,6 @@ import pytest
 import torch
 import yaml
 
-from conftest import DEMO_DIR
 from nikl_ray.artifacts import load_manifest, manifest_problem, write_manifest, write_text
 from nikl_ray.backbones import BackboneSpec
 from nikl_ray.worker import oom_message, read_history, run_with_oom_retry
@@ -102,13 +100,16 @@ def test_a_stage_recomputes_a_truncated_feature_file_instead_of_using_it(stacked
 
 
 # ---------------------------------------------------------------------------- kills
-def _config(tmp_path, tiny_backbones, name="exp.yaml", results="res") -> Path:
-    cfg = {"task": "nikl-emotion", "train": str(DEMO_DIR / "train.jsonl"), "results": str(tmp_path / results),
-           "folds": {"k": 2, "seed": 0}, "classical": False,
-           "backbones": [{"name": "neox", "checkpoint": str(tiny_backbones["gpt_neox"]), "mode": "lora", "lr": 5e-3,
-                          "epochs": 4, "early_stopping_patience": 4, "batch_size": 16, "max_length": 40}]}
-    path = tmp_path / name
-    path.write_text(yaml.safe_dump(cfg))
+def _fixture_neox_only(trained, tmp_path) -> Path:
+    """An experiment of the trained fixture's `neox-lora` alone, in a results root of its own: its
+    fold runs have the fixture's inputs exactly, so the fixture's runs are their uninterrupted twins."""
+    exp = trained[0]
+    spec = exp.backbone("neox-lora")
+    raw = {"task": "nikl-emotion", "train": [str(p) for p in exp.train], "results": str(tmp_path / "res"),
+           "folds": exp.folds.model_dump(), "classical": False,
+           "backbones": [spec.model_dump(mode="json", exclude_none=True)]}
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(raw))
     return path
 
 
@@ -134,77 +135,85 @@ def _resumed(history: list[dict]) -> bool:
     return epochs == sorted(set(epochs)) and any(s > 0 for s in starts)
 
 
+def _same_adapter(a_dir: Path, b_dir: Path) -> None:
+    from safetensors.numpy import load_file
+
+    a, b = load_file(str(a_dir / "adapter_model.safetensors")), load_file(str(b_dir / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-5, err_msg=k)
+
+
 @pytest.mark.slow
-def test_a_worker_killed_mid_run_is_retried_and_the_run_completes(tmp_path, tiny_backbones, ray_local):
+def test_a_killed_worker_restarts_and_the_run_ends_as_if_nothing_happened_without_seeing_held_out_labels(trained, tmp_path):
+    """A fold run with the held-out fold's labels scrambled, its Ray Train worker SIGKILLed after its
+    first checkpoint: Ray Train restarts it from that checkpoint (FailureConfig), and the run ends
+    with the same weights as the fixture's uninterrupted run with the true labels — the epoch is
+    chosen on the selection slice, never on the held-out fold."""
+    import dataclasses
+
     import psutil
+    import ray
     from ray.util.state import list_actors
 
-    from conftest import setup_run
     from nikl_ray.cluster import api_server
-    from nikl_ray.stages import train
+    from nikl_ray.folds import fold_positions
+    from nikl_ray.launcher import fit_run
+    from nikl_ray.placement import Placement
+    from nikl_ray.runspec import Device, RowsPayload, fold_run
 
-    exp, data = setup_run(yaml.safe_load(_config(tmp_path, tiny_backbones).read_text()))
-    outcome = {}
-    thread = threading.Thread(target=lambda: outcome.setdefault("summary", train.run(exp, data)))
-    thread.start()
+    exp, data, _ = trained
+    train_idx, select_idx, held_idx = positions = fold_positions(data.rows, data.folds(exp), 0)
+    assert not set(held_idx) & (set(train_idx) | set(select_idx)) and len(select_idx)
+    labels = data.rows.labels.copy()
+    labels[held_idx] = np.random.default_rng(0).permutation(labels[held_idx], axis=1)
+    payload = dataclasses.replace(RowsPayload.of(data.rows), labels=labels)
+    run = fold_run(exp, exp.backbone("neox-lora"), 0, positions, payload, Placement("neox-lora", 0.1, 0, 0.0, 1.0),
+                   Device(False, "cpu"), name="scrambled", storage=str(tmp_path))
+    pending = ray.remote(num_cpus=0)(fit_run).remote(run)
     deadline = time.time() + 300
-    while time.time() < deadline and not _registered_checkpoint(exp.layout.pair("neox", 0)):
+    while time.time() < deadline and not _registered_checkpoint(tmp_path / "scrambled"):
         time.sleep(0.2)
     # this Ray instance's Train workers only (other tests may run their own Ray beside it)
     workers = list_actors(address=api_server(), filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-    assert workers, "no Ray Train worker found"
-    for w in workers:
-        psutil.Process(w.pid).kill()
-    thread.join(600)
-    assert "summary" in outcome
-    m = load_manifest(exp.layout.pair("neox", 0))
-    assert m["epochs_run"] == 4
-    assert _resumed(read_history(_checkpoints(exp.layout.pair("neox", 0))[-1])), "the retried worker started over"
+    assert len(workers) == 1, workers
+    psutil.Process(workers[0].pid).kill()
+    out = ray.get(pending)
+    assert _resumed(read_history(out["latest_checkpoint"])), "the restarted worker started over"
+    ref = exp.layout.pair("neox-lora", 0)
+    _same_adapter(Path(out["best_checkpoint"]) / "checkpoint", ref / load_manifest(ref)["best_checkpoint"])
+    assert out["metrics"]["heldout_micro_f1"] != load_manifest(ref)["heldout_micro_f1"]  # scored on the scrambled labels
 
 
 @pytest.mark.slow
-def test_a_killed_driver_resumes_without_retraining_and_matches_an_uninterrupted_run(tmp_path, tiny_backbones, ray_local):
+def test_a_killed_driver_resumes_without_retraining_and_matches_an_uninterrupted_run(trained, tmp_path):
     """SIGKILL the driver (and its Ray) mid-train; the same command again skips the finished fold,
-    resumes the interrupted one from its last checkpoint, and ends with the same weights as a run
-    that was never interrupted (CPU training with fixed seeds is deterministic)."""
-    from safetensors.numpy import load_file
-
+    resumes the interrupted one from its last checkpoint, and ends with the same weights as the
+    trained fixture's run, which was never interrupted (CPU training with fixed seeds is deterministic)."""
     from conftest import setup_run
     from nikl_ray.stages import train
 
-    config = _config(tmp_path, tiny_backbones)
+    config = _fixture_neox_only(trained, tmp_path)
     exp, data = setup_run(yaml.safe_load(config.read_text()))
-    pair = exp.layout.pair
+    pair, ref = exp.layout.pair, trained[0].layout.pair
+    shutil.copytree(ref("neox-lora", 0), pair("neox-lora", 0))  # fold 0 is done: only fold 1 runs
     cmd = [sys.executable, "-m", "nikl_ray.cli", "train", "--config", str(config), "--local", "--num-cpus", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    try:  # one CPU: fold 0 trains to the end, then fold 1 starts; kill once fold 1 has a checkpoint
+    try:
         deadline = time.time() + 400
-        while time.time() < deadline and not (_registered_checkpoint(pair("neox", 1))
-                                               and (pair("neox", 0) / "manifest.json").exists()):
+        while time.time() < deadline and not _registered_checkpoint(pair("neox-lora", 1)):
             assert proc.poll() is None, "training ended before it could be killed"
             time.sleep(0.2)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    assert not (pair("neox", 1) / "manifest.json").exists(), "fold 1 finished before the kill"
-    fold0 = (pair("neox", 0) / "manifest.json").read_text()
+    assert not (pair("neox-lora", 1) / "manifest.json").exists(), "fold 1 finished before the kill"
+    fold0 = (pair("neox-lora", 0) / "manifest.json").read_text()
 
-    summary = train.run(exp, data)
-    status = {r["fold"]: r["status"] for r in csv.DictReader(open(summary))}
+    status = {r["fold"]: r["status"] for r in csv.DictReader(open(train.run(exp, data)))}
     assert status == {"0": "skipped (done)", "1": "trained"}
-    assert (pair("neox", 0) / "manifest.json").read_text() == fold0
-    resumed = load_manifest(pair("neox", 1))
-    latest = _checkpoints(pair("neox", 1))[-1]
-    assert _resumed(read_history(latest)), "fold 1 started over instead of resuming"
-
-    reference, ref_data = setup_run(yaml.safe_load(_config(tmp_path, tiny_backbones, "ref.yaml", "ref").read_text()))
-    ref_pair = reference.layout.pair
-    shutil.copytree(pair("neox", 0), ref_pair("neox", 0))  # only fold 1 is compared
-    train.run(reference, ref_data)
-    ref = load_manifest(ref_pair("neox", 1))
-    a = load_file(str(pair("neox", 1) / resumed["best_checkpoint"] / "adapter_model.safetensors"))
-    b = load_file(str(ref_pair("neox", 1) / ref["best_checkpoint"] / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
-    for k in a:
-        np.testing.assert_allclose(a[k], b[k], atol=1e-5, err_msg=k)
-    assert resumed["heldout_micro_f1"] == pytest.approx(ref["heldout_micro_f1"], abs=1e-6)
+    assert (pair("neox-lora", 0) / "manifest.json").read_text() == fold0
+    resumed, reference = load_manifest(pair("neox-lora", 1)), load_manifest(ref("neox-lora", 1))
+    assert _resumed(read_history(_checkpoints(pair("neox-lora", 1))[-1])), "fold 1 started over instead of resuming"
+    _same_adapter(pair("neox-lora", 1) / resumed["best_checkpoint"], ref("neox-lora", 1) / reference["best_checkpoint"])
+    assert resumed["heldout_micro_f1"] == pytest.approx(reference["heldout_micro_f1"], abs=1e-6)
