@@ -202,9 +202,13 @@ def load_tokenizer(spec: BackboneSpec):
         tok.pad_token = tok.eos_token
     if spec.uses_markers and MARKERS[0] not in tok.get_vocab():
         tok.add_special_tokens({"additional_special_tokens": list(MARKERS)})
+    return with_padding_side(spec, tok)
+
+
+def with_padding_side(spec: BackboneSpec, tok):
+    """With virtual tokens the model sees embeddings, not ids, and its head reads the last position:
+    the last real token must be there. Set on every load: a saved tokenizer does not always keep it."""
     if spec.mode == "prompt":
-        # with virtual tokens the model sees embeddings, not ids, and its head reads the last
-        # position: the last real token must be there
         tok.padding_side = "left"
     return tok
 
@@ -262,7 +266,7 @@ def load_trained(spec: BackboneSpec, checkpoint_dir: str | Path, num_labels: int
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     quiet_transformers()
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)  # saved with its marker tokens (and padding side)
+    tokenizer = with_padding_side(spec, AutoTokenizer.from_pretrained(checkpoint_dir))  # saved with its marker tokens
     if spec.uses_adapter:
         model = load_for_classification(spec, num_labels, multi_label, tokenizer, precision=precision,
                                         adapter_dir=str(checkpoint_dir))

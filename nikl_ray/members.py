@@ -58,18 +58,24 @@ def embed(spec: BackboneSpec, tokenizer, model, rows: TextRows, multi_label: boo
     if not len(rows):
         return np.zeros((0, model.config.hidden_size), np.float32), np.zeros((0, model.config.num_labels), np.float32)
     enc = encode(tokenizer, spec, rows)
-    order = np.argsort([len(ids) for ids in enc["input_ids"]], kind="stable")
+    lengths = np.array([len(ids) for ids in enc["input_ids"]])
+    order = np.argsort(lengths, kind="stable")
+    if spec.mode == "prompt":
+        # left padding shifts a row's positions behind the virtual tokens: batch equal lengths only,
+        # so a row gets the same output whatever rows come with it
+        batches = [chunk for group in np.split(order, np.flatnonzero(np.diff(lengths[order])) + 1)
+                   for chunk in np.array_split(group, -(-len(group) // batch_size))]
+    else:
+        batches = [order[start:start + batch_size] for start in range(0, len(order), batch_size)]
     collate = DataCollatorWithPadding(tokenizer)
     device = next(model.parameters()).device
     hidden_out, prob_out = [None] * len(rows), [None] * len(rows)
-    starts = range(0, len(order), batch_size)
-    if progress and len(starts) >= 10:
+    if progress and len(batches) >= 10:
         from ray.experimental.tqdm_ray import tqdm
 
-        starts = tqdm(starts, desc=progress, total=len(starts))
+        batches = tqdm(batches, desc=progress, total=len(batches))
     with torch.no_grad():
-        for start in starts:
-            idx = order[start:start + batch_size]
+        for idx in batches:
             batch = collate([{k: enc[k][i] for k in enc} for i in idx]).to(device)
             out = model(**batch, output_hidden_states=True)
             hidden, mask = out.hidden_states[-1], batch["attention_mask"]
