@@ -187,11 +187,15 @@ class BackboneSpec(BaseModel):
 
 
 def quiet_transformers() -> None:
-    """The per-load weight bars and "newly initialized head" reports are expected noise here."""
+    """The per-load weight bars and "newly initialized head" reports are expected noise here, and so
+    are transformers' own deprecations raised from inside peft and HF Trainer."""
+    import warnings
+
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
 
 
 def load_tokenizer(spec: BackboneSpec):

@@ -201,7 +201,9 @@ def cmd_demo(args) -> int:
     flags = f"--config {EXAMPLE} --results {args.results}"
     print(f"\nNext, with the finished demo run:\n"
           f"  nikl-ray explain {flags} --text '오늘 경기 보고 진짜 너무 무서워'\n"
-          f"  nikl-ray serve {flags} --local      # then: curl -s 127.0.0.1:8000/predict -d '{{\"text\": \"새 앨범 빨리 듣고 싶다\"}}'\n"
+          f"  nikl-ray serve {flags} --local\n"
+          f"  curl -s 127.0.0.1:8000/predict -H 'Content-Type: application/json' -d '{{\"text\": \"새 앨범 빨리 듣고 싶다\"}}'"
+          f"      # while it serves, from another shell\n"
           f"  nikl-ray select {flags} --pool {EXAMPLE.parent.parent / 'demo_data' / 'test.jsonl'} --n 20")
     return code
 

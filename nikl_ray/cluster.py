@@ -16,7 +16,7 @@ from pathlib import Path
 
 import ray
 
-from nikl_ray.placement import Card, ClusterShape, Placement, concurrent_slots, format_plan, plan
+from nikl_ray.placement import Card, ClusterShape, Placement, concurrent_slots, format_plan, plan, slots_for
 from nikl_ray.runspec import Device
 
 log = logging.getLogger(__name__)
@@ -197,6 +197,10 @@ class StagePlan:
     @property
     def slots(self) -> int:
         return concurrent_slots(list(self.placements.values()), self.shape.cpus, self.shape.gpus)
+
+    def slots_of(self, backbone: str) -> int:
+        """How many runs of this backbone the cluster holds at once."""
+        return slots_for(self.placements[backbone], self.shape.cpus, self.shape.gpus)
 
     def describe(self) -> str:
         return format_plan(list(self.placements.values()), budget_gb=self.budget_gb, physical_gb=self.shape.physical_gb,

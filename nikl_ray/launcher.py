@@ -58,19 +58,22 @@ def fit_run(run: FoldRun, trainer=None) -> dict:
             "metrics": read_json(final) if final.exists() else {}, "wall_seconds": time.time() - t0}
 
 
-def run_all(runs: list[FoldRun], slots: int, on_done, on_failed) -> None:
-    """Fit every run, at most `slots` at once; `on_done(run, out)` / `on_failed(run, error)` as each ends.
+def run_all(runs: list[FoldRun], slots_of, on_done, on_failed) -> None:
+    """Fit every run; `on_done(run, out)` / `on_failed(run, error)` as each ends.
 
-    No more runs are submitted than can hold resources at once: queued Train controllers would all
-    start up together and slow the running trials on small machines.
+    `slots_of(run)`: how many runs like it the cluster holds at once. A run takes 1/slots of the
+    cluster, and no more runs are submitted than fit together: a queued Train run's controller
+    would start and wait for its share, slowing the running trials on small machines.
     """
     import ray
 
     launch = ray.remote(num_cpus=0)(fit_run)
     todo, pending = list(runs), {}
     while todo or pending:
-        while todo and len(pending) < slots:
+        taken = sum(1 / slots_of(r) for r in pending.values())
+        while todo and (not pending or taken + 1 / slots_of(todo[0]) <= 1 + 1e-9):
             run = todo.pop(0)
+            taken += 1 / slots_of(run)
             pending[launch.options(name=f"fit {run.name}").remote(run)] = run
         done, _ = ray.wait(list(pending), num_returns=1)
         run = pending.pop(done[0])

@@ -129,12 +129,16 @@ def place(name: str, estimate_bytes: float, *, budget_gb: float | None, physical
     return Placement(name, est_gb, k, 1.0 / k, cpus, cap)
 
 
+def slots_for(p: Placement, cpus: float, gpus: float) -> int:
+    """How many runs of this placement the cluster holds at once."""
+    by_cpu = int(cpus // p.cpus)
+    return max(1, by_cpu if not p.gpu_share else min(by_cpu, int(round(gpus * p.trials_per_card))))
+
+
 def concurrent_slots(placements: list[Placement], cpus: float, gpus: float) -> int:
     """How many runs to have submitted at once: as many as the roomiest backbone fits on the cluster
     (Ray queues the others until their share is free; more would only start idle controllers)."""
-    fits = [int(cpus // p.cpus) if not p.gpu_share else min(int(cpus // p.cpus), int(round(gpus * p.trials_per_card)))
-            for p in placements]
-    return max(1, max(fits))
+    return max(slots_for(p, cpus, gpus) for p in placements)
 
 
 def format_plan(placements: list[Placement], *, budget_gb: float | None, physical_gb: float | None, total_cpus: float,

@@ -148,13 +148,10 @@ def quiet_worker(needs_bitsandbytes: bool) -> None:
     needs neither.
     """
     import sys
-    import warnings
 
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     if not needs_bitsandbytes and "bitsandbytes" not in sys.modules:
         sys.modules["bitsandbytes"] = None  # peft and transformers then see it as not installed
-    # transformers' own deprecations, raised from inside peft and HF Trainer
-    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
 
 
 def in_ray_train() -> bool:

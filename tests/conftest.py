@@ -201,7 +201,7 @@ class RayCluster:
                 pass
         for p in procs:
             p.terminate()
-        _, alive = psutil.wait_procs(procs, timeout=15)
+        _, alive = psutil.wait_procs(procs, timeout=3)  # some of Ray's daemons outwait a SIGTERM
         for p in alive:
             p.kill()
         return len(procs)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from nikl_ray.placement import (CONTEXT_GB, GiB, ModelShape, PlacementError, concurrent_slots, estimate_memory_bytes,
-                                format_plan, lora_params, place)
+                                format_plan, lora_params, place, slots_for)
 
 # polyglot-ko-1.3b and a BERT-base-sized Korean encoder (KLUE-RoBERTa-base, KoELECTRA-base)
 NEOX_1_3B = ModelShape(params=1.33e9, hidden=2048, layers=24, heads=16, intermediate=8192, vocab=30080)
@@ -62,13 +62,15 @@ def test_shares_are_always_one_over_k_and_cpu_plans_use_cpus():
     assert "2 at once" in format_plan([cpu], budget_gb=None, physical_gb=None, total_cpus=2, total_gpus=0)
 
 
-def test_concurrent_slots_are_what_the_roomiest_backbone_fits():
+def test_slots_are_per_backbone_and_submission_follows_the_roomiest():
     a = place("a", 3 * GiB, budget_gb=24, use_gpu=True, cpus=1)  # 5 per card
     b = place("b", 10 * GiB, budget_gb=24, use_gpu=True, cpus=1)  # 2 per card
     assert (a.trials_per_card, b.trials_per_card) == (5, 2)
     assert concurrent_slots([a, b], cpus=16, gpus=2) == 10
     assert concurrent_slots([b], cpus=16, gpus=2) == 4
     assert concurrent_slots([a, b], cpus=3, gpus=2) == 3
+    # the launcher counts each run as 1/slots of the cluster: 4 b's fill it, as do 10 a's
+    assert (slots_for(a, cpus=16, gpus=2), slots_for(b, cpus=16, gpus=2)) == (10, 4)
     cpu = place("c", 3 * GiB, budget_gb=None, use_gpu=False, cpus=2)
     assert concurrent_slots([cpu], cpus=5, gpus=0) == 2
 

@@ -134,7 +134,10 @@ def run(exp: Experiment, data: Inputs) -> Path:
         "candidate": chosen, "rule": rule, "params": params, "members": members, "active": active,
         "stacks": stacks, "hidden_sizes": cfg.hidden_sizes, "inner_folds": cfg.inner_folds, "k": k}))
     write_manifest(layout.ensemble, inputs=inputs, files=files, code=__name__)
-    log.info("%s", report_markdown(report).split("\n## Per label")[0])
+    # the candidates' table and the choice; the prose and per-label tables stay in the report file
+    shown = [line for line in report_markdown(report).split("\n## Per label")[0].splitlines()
+             if line.startswith(("|", "**Submitted"))]
+    log.info("ensemble candidates (cross-fitted out-of-fold %s per rule):\n%s", report["metric"], "\n".join(shown))
     return layout.report
 
 

@@ -112,7 +112,7 @@ def run(exp: Experiment, data: Inputs, *, backbones: list[str] | None = None) ->
         status[(run.backbone.name, run.fold)] = "failed"
         log.error("train %s: FAILED: %s", run.name, e)
 
-    run_all(runs, stage.slots, done, failed)
+    run_all(runs, lambda r: stage.slots_of(r.backbone.name), done, failed)
     path = write_summary(exp, specs, folds["k"], status) if len(failures) < len(status) else None
     if failures:
         raise RuntimeError("some training runs failed (finished runs are kept; rerun to retry):\n  " + "\n  ".join(failures))
