@@ -113,7 +113,9 @@ def pretrain_loop(config: dict) -> None:
                           + (f" of {budget:.0f}" if budget else ""), flush=True)
 
     args = TrainingArguments(
-        output_dir=os.path.join(run.storage, run.name, "hf"), max_steps=cfg.steps or 10**9, learning_rate=cfg.lr,
+        # one folder per rank: every rank reports its checkpoint folder to Ray, which merges them; in a
+        # shared one, rank 1 reported (and Ray copied) files rank 0 was still writing
+        output_dir=os.path.join(run.storage, run.name, "hf", f"rank{rank}"), max_steps=cfg.steps or 10**9, learning_rate=cfg.lr,
         per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size, weight_decay=0.01,
         warmup_steps=0.05 if cfg.steps else 0, lr_scheduler_type="linear" if cfg.steps else "constant",
         logging_steps=STOP_CHECK_STEPS * 2, save_strategy="steps", save_steps=cfg.save_every_steps, save_total_limit=1,

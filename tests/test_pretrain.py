@@ -83,6 +83,11 @@ def test_pretraining_runs_two_workers_resumes_after_a_kill_and_the_folds_start_f
     losses = [c["loss"] for c in manifest["loss_curve"]]
     assert len(losses) >= 3 and losses[-1] < losses[0], losses
     assert manifest["corpus"]["left_out"] == [str(DEMO_DIR / "test.jsonl")]
+    # each rank checkpoints into a folder of its own, so no rank reports files another is writing
+    assert sorted(p.name for p in (run_dir / "hf").iterdir()) == ["rank0", "rank1"]
+    merged = sorted(run_dir.glob("checkpoint_*/checkpoint"))[-1]
+    assert json.loads((merged / "config.json").read_text())["model_type"] == "gpt_neox"
+    assert sorted(p.name for p in merged.glob("rng_state_*.pth")) == ["rng_state_0.pth", "rng_state_1.pth"]
     assert (tmp_path / "res" / "pretrain" / "neox" / "report.md").exists()
 
     # the fold models start from the pretrained weights, not from the random init
