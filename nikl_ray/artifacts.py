@@ -136,6 +136,21 @@ def write_manifest(stage_dir: str | Path, *, inputs: dict, files: list[str | Pat
     return write_json(stage_dir / MANIFEST, manifest)
 
 
+def fresh_run_dir(d: Path, inputs: dict, code: str) -> None:
+    """Ray Train resumes a run whose folder holds checkpoints of the same name: right after a kill,
+    wrong after a change. A folder made for other inputs (or other code of stage `code`) is cleared."""
+    import logging
+    import shutil
+
+    marker = {"inputs": inputs, "code_version": code_version(code)}
+    path = Path(d) / "run_inputs.json"
+    if Path(d).exists() and (not path.exists() or read_json(path) != marker):
+        logging.getLogger(code).info("%s: made for other inputs or code: starting it over", Path(d).name)
+        shutil.rmtree(d)
+    if not path.exists():
+        write_json(path, marker)
+
+
 def manifest_problem(stage_dir: str | Path, inputs: dict, code: str) -> str | None:
     """Why the stage in `stage_dir` must (re)run for `inputs` with the code of module `code`, or None
     when it is complete."""

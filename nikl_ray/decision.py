@@ -45,6 +45,16 @@ def decide(probs: np.ndarray, rule: str, params: dict | None = None) -> np.ndarr
     raise ValueError(f"unknown decision rule {rule!r}")
 
 
+def thresholds(rule: str, params: dict | None, n_labels: int) -> np.ndarray:
+    """Each label's threshold under `rule` (argmax has none: nan)."""
+    params = params or {}
+    if rule == "per_label_thresholds":
+        return np.asarray(params["thresholds"], dtype=float)
+    if rule in ("global_threshold", "at_least_one"):
+        return np.full(n_labels, params["threshold"], dtype=float)
+    return np.full(n_labels, 0.5 if rule == "threshold_0.5" else np.nan)
+
+
 def _at_or_above(p: np.ndarray, y: np.ndarray, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """For each threshold t of `grid`: (#p ≥ t, #(p ≥ t and y))."""
     order = np.argsort(p, kind="stable")

@@ -80,7 +80,7 @@ def explain(predictor, text: str, target: str | None = None) -> Explanation:
         targets.append(rows.targets[0])
     key = rows.keys()[0]
     out = predictor.predict(TextRows(texts, targets, spans), keys=[key] * len(texts))  # one batch, one route
-    labels = [lab for lab, d in zip(predictor.task.labels, out.decisions[0]) if d]
+    labels = predictor.chosen(out, 0)
     drops = {}
     for lab in labels:
         j = predictor.task.labels.index(lab)

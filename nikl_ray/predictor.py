@@ -19,7 +19,7 @@ from nikl_ray.artifacts import load_manifest, read_json
 from nikl_ray.backbones import load_trained
 from nikl_ray.config import Experiment
 from nikl_ray.data import TextRows
-from nikl_ray.decision import decide
+from nikl_ray.decision import decide, thresholds
 from nikl_ray.members import CLASSICAL, classical_probs, embed, load_classical
 from nikl_ray.runspec import assign
 from nikl_ray.stacking import STACKS, Heads, candidate_probs
@@ -90,13 +90,12 @@ class Predictor:
         return Prediction(probs, decide(probs, self.rule, self.params), self.candidate, self.rule)
 
     def thresholds(self) -> np.ndarray:
-        """Each label's decision threshold under the rule (0.5 for threshold_0.5; argmax rules have none: nan)."""
-        labels = len(self.task.labels)
-        if "thresholds" in self.params:
-            return np.asarray(self.params["thresholds"], dtype=float)
-        if "threshold" in self.params:
-            return np.full(labels, self.params["threshold"], dtype=float)
-        return np.full(labels, 0.5 if self.rule == "threshold_0.5" else np.nan)
+        """Each label's decision threshold under the run's rule (argmax has none: nan)."""
+        return thresholds(self.rule, self.params, len(self.task.labels))
+
+    def chosen(self, out: Prediction, i: int) -> list[str]:
+        """The labels `out` gives its row `i`."""
+        return [lab for lab, d in zip(self.task.labels, out.decisions[i]) if d]
 
     @staticmethod
     def rows_of(texts: list[str], targets: list[str | None] | None = None) -> TextRows:
@@ -114,4 +113,4 @@ class Predictor:
         """({label: probability}, chosen labels) for one sentence."""
         out = self.predict(self.rows_of([text], [target]))
         return (dict(zip(self.task.labels, map(float, out.probs[0]))),
-                [lab for lab, d in zip(self.task.labels, out.decisions[0]) if d])
+                self.chosen(out, 0))

@@ -1,7 +1,7 @@
 """A finished run on Ray Serve: `POST /predict`, `GET /health`, on 127.0.0.1 unless configured.
 
     nikl-ray serve --config my.yaml --local                     # http://127.0.0.1:8000
-    curl -s 127.0.0.1:8000/predict -d '{"text": "오늘 영화 너무 좋다", "target": "영화"}'
+    curl -s 127.0.0.1:8000/predict -H 'Content-Type: application/json' -d '{"text": "오늘 영화 너무 좋다", "target": "영화"}'
     ray job submit --runtime-env ray_jobs/runtime_env.yaml -- python ray_jobs/serve.py --config my.yaml
 
 One deployment holds the whole run (fold models, the TF-IDF member, heads, rule) through the
@@ -65,7 +65,7 @@ class RunDeployment:
     async def _answer(self, rows: list[Row]) -> list[dict]:
         p = self.predictor
         out = p.predict(p.rows_of([r.text for r in rows], [r.target for r in rows]))
-        return [{"labels": [lab for lab, d in zip(p.task.labels, out.decisions[i]) if d],
+        return [{"labels": p.chosen(out, i),
                  "probabilities": dict(zip(p.task.labels, map(float, out.probs[i]))), "rule": out.rule,
                  "candidate": out.candidate} for i in range(len(rows))]
 

@@ -16,10 +16,9 @@ public checkpoint keeps its own.
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
-from nikl_ray.artifacts import manifest_problem, read_json, write_json, write_manifest, write_text
+from nikl_ray.artifacts import fresh_run_dir, manifest_problem, read_json, write_manifest, write_text
 from nikl_ray.config import Experiment, pretrain_corpus
 from nikl_ray.corpus import corpus_hash, split_heldout
 from nikl_ray.pretraining import FINAL, PretrainRun, pretrain_loop
@@ -51,10 +50,7 @@ def run(exp: Experiment, backbones: list[str] | None = None) -> dict[str, Path]:
             log.info("pretrain %s: done already (%s)", spec.name, layout.pretrained(spec.name))
             out[spec.name] = layout.pretrained(spec.name)
             continue
-        marker = d / "run_inputs.json"
-        if d.exists() and (not marker.exists() or read_json(marker) != inputs):
-            shutil.rmtree(d)  # made for another corpus or config: Ray Train must not resume it
-        write_json(marker, inputs)
+        fresh_run_dir(d, inputs, __name__)  # made for another corpus or config: Ray Train must not resume it
         texts, info = pretrain_corpus(exp, spec)
         train_texts, held = split_heldout(texts, spec.pretrain.heldout, spec.pretrain.seed)
         for path in info["left_out"]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from nikl_ray.artifacts import code_version, load_manifest, manifest_problem, read_json, write_json, write_manifest
+from nikl_ray.artifacts import fresh_run_dir, load_manifest, manifest_problem, write_json, write_manifest
 from nikl_ray.backbones import BackboneSpec
 from nikl_ray.config import Experiment
 from nikl_ray.folds import fold_positions
@@ -31,20 +31,6 @@ log = logging.getLogger(__name__)
 def pair_inputs(exp: Experiment, spec: BackboneSpec, fold: int, folds: dict) -> dict:
     return {"backbone": spec.model_dump(mode="json"), "task": exp.task.model_dump(mode="json"), "fold": fold,
             "held_out_hash": held_out_hash(folds, fold), "data_hash": folds["data_hash"]}
-
-
-def fresh_run_dir(d: Path, inputs: dict) -> None:
-    """Ray Train resumes a run whose folder holds checkpoints of the same name: right after a kill,
-    wrong after a change. A folder made for other inputs (or other code) is cleared first."""
-    import shutil
-
-    marker = {"inputs": inputs, "code_version": code_version(__name__)}
-    path = d / "run_inputs.json"
-    if d.exists() and (not path.exists() or read_json(path) != marker):
-        log.info("train %s: made for other inputs or code: starting it over", d.name)
-        shutil.rmtree(d)
-    if not path.exists():
-        write_json(path, marker)
 
 
 def summarize(run: FoldRun, out: dict) -> dict:
@@ -83,7 +69,7 @@ def run(exp: Experiment, data: Inputs, *, backbones: list[str] | None = None) ->
                 status[(spec.name, fold)] = "skipped (done)"
                 continue
             log.info("train %s: %s → training", layout.run_name(spec.name, fold), why)
-            fresh_run_dir(layout.pair(spec.name, fold), pair_inputs(exp, spec, fold, folds))
+            fresh_run_dir(layout.pair(spec.name, fold), pair_inputs(exp, spec, fold, folds), __name__)
             runs.append(fold_run(exp, spec, fold, fold_positions(data.rows, folds, fold), payload,
                                  stage.placements[spec.name], stage.device, name=layout.run_name(spec.name, fold),
                                  storage=str(layout.train)))
