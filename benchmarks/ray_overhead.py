@@ -4,14 +4,16 @@
     python benchmarks/ray_overhead.py --runs 5 --out results/ray_overhead
 
 Each run is the project's own FoldRun (a tiny GPT-NeoX in LoRA, 1 epoch on 120 demo rows), fitted
-by `launcher.fit_run` under two settings, alternated so that machine noise hits both alike:
+by `launcher.fit_run` under three settings, alternated so that machine noise hits all alike:
 
 - `before`: how runs were launched until this change: TorchTrainer (a torch process group even
   for one worker, so HF wraps the model in DDP), Ray Train's defaults (its controller polls every
   2 s, a preemption watcher actor per run), bitsandbytes imported by peft in every worker;
-- `after`: DataParallelTrainer with Ray's plain backend (no process group, no DDP), the
+- `cleaner`: DataParallelTrainer with Ray's plain backend (no process group, no DDP), the
   controller polling every 0.25 s, no preemption watcher, bitsandbytes not imported unless the
-  run quantizes.
+  run quantizes; Ray Train's detached placement-group cleaner actor started for every run;
+- `after`: today's launcher: as `cleaner`, with the stage's one placement-group guardian in place
+  of a cleaner per run.
 
 Per run it itemises: `start` (fit() called → training function running: controller and worker
 actors, placement group, worker group set-up), `imports` (function start → model loaded),
@@ -34,7 +36,7 @@ sys.path.insert(0, str(REPO))
 
 # Ray Train's defaults, which the project's RAY_ENV (cluster.py) changes
 BEFORE_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2.0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}
-SETTINGS = ("before", "after")
+SETTINGS = ("before", "cleaner", "after")
 
 
 def train_fold_before(config: dict) -> None:
@@ -55,6 +57,17 @@ def before_trainer(run):
                         run_config=run_config(run))
 
 
+def cleaner_trainer(run):
+    from ray.train import BackendConfig
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    from nikl_ray.launcher import run_config, scaling_config
+    from nikl_ray.worker import train_fold
+
+    return DataParallelTrainer(train_fold, train_loop_config={"run": run}, backend_config=BackendConfig(),
+                               scaling_config=scaling_config(run), run_config=run_config(run))
+
+
 def one_run(run, setting: str) -> dict:
     """In a Ray task (the driver of the Train run, like the train stage's launcher)."""
     from nikl_ray.launcher import fit_run
@@ -65,7 +78,7 @@ def one_run(run, setting: str) -> dict:
     if setting == "before":
         os.environ.update(BEFORE_ENV)
     try:
-        fit_run(run, before_trainer(run) if setting == "before" else None)
+        fit_run(run, {"before": before_trainer, "cleaner": cleaner_trainer}.get(setting, lambda run: None)(run))
     finally:
         for k, v in env.items():
             if v is None:
@@ -95,6 +108,7 @@ def main(argv=None) -> int:
     from nikl_ray.config import parse_experiment, prepare
     from nikl_ray.folds import fold_positions
     from nikl_ray.inputs import load_inputs
+    from nikl_ray.launcher import start_guardian
     from nikl_ray.placement import Placement
     from nikl_ray.runspec import Device, RowsPayload, fold_run
     from nikl_ray.stages import split
@@ -111,6 +125,7 @@ def main(argv=None) -> int:
     folds = split.run(exp, data.rows)
     exp = prepare(exp)
     connect(local=True, num_cpus=2)
+    start_guardian()  # as the train stage does: `after` runs hand their placement groups to it
     payload = ray.put(RowsPayload.of(data.rows))
     runner = ray.remote(num_cpus=0)(one_run)
     rows = []

@@ -217,3 +217,38 @@ def test_a_killed_driver_resumes_without_retraining_and_matches_an_uninterrupted
     assert _resumed(read_history(_checkpoints(pair("neox-lora", 1))[-1])), "fold 1 started over instead of resuming"
     _same_adapter(pair("neox-lora", 1) / resumed["best_checkpoint"], ref("neox-lora", 1) / reference["best_checkpoint"])
     assert resumed["heldout_micro_f1"] == pytest.approx(reference["heldout_micro_f1"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_a_run_whose_driving_task_dies_gives_its_share_of_the_cluster_back(trained, tmp_path):
+    """The task driving a Train run is killed mid-run, and its controller with it: the stage's
+    placement-group guardian (one actor for all runs, in place of Ray Train's detached cleaner per
+    run) removes the run's placement group, so the CPU it held is free for the runs after it."""
+    import ray
+    from ray.util.state import list_actors
+
+    from nikl_ray.cluster import api_server
+    from nikl_ray.folds import fold_positions
+    from nikl_ray.launcher import fit_run, start_guardian
+    from nikl_ray.placement import Placement
+    from nikl_ray.runspec import Device, RowsPayload, fold_run
+
+    exp, data, _ = trained
+    guardian = start_guardian()
+    run = fold_run(exp, exp.backbone("neox-lora"), 0, fold_positions(data.rows, data.folds(exp), 0), RowsPayload.of(data.rows),
+                   Placement("neox-lora", 0.1, 0, 0.0, 1.0), Device(False, "cpu"), name="orphan", storage=str(tmp_path))
+    total = ray.cluster_resources()["CPU"]
+    pending = ray.remote(num_cpus=0)(fit_run).remote(run)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ray.get(guardian.watching.remote()):
+        time.sleep(0.2)
+    assert ray.get(guardian.watching.remote()), "the run's placement group never reached the guardian"
+    cleaners = list_actors(address=api_server(), filters=[("class_name", "=", "PlacementGroupCleaner"), ("state", "=", "ALIVE")])
+    assert not cleaners, cleaners  # no process of its own per run
+    assert ray.available_resources().get("CPU", 0) <= total - 1
+    ray.cancel(pending, force=True)  # kills the process running fit_run
+    deadline = time.time() + 60
+    while time.time() < deadline and ray.available_resources().get("CPU", 0) < total:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) == total, ray.available_resources()
+    assert not ray.get(guardian.watching.remote())

@@ -70,6 +70,7 @@ def run(exp: Experiment, data: Inputs, backbone: str, *, space_path: str | Path 
     from ray.tune.search.optuna import OptunaSearch
 
     from nikl_ray.cluster import plan_stage, state_api_problem
+    from nikl_ray.launcher import start_guardian
 
     layout, folds, cfg = exp.layout, data.folds(exp), exp.search
     num_samples, fold, grace_period, seed = cfg.num_samples, cfg.fold, cfg.grace_period, cfg.seed
@@ -129,6 +130,7 @@ def run(exp: Experiment, data: Inputs, backbone: str, *, space_path: str | Path 
                                                        trial_name_creator=lambda t: trial_name(backbone, t.config, t.trial_id),
                                                        trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
                            run_config=tune.RunConfig(name="search", storage_path=str(out_dir), verbose=1))
+    start_guardian()  # frees the placement group of each trial ASHA stops
     results = tuner.fit()
     best = write_leaderboard(out_dir, spec, list(space), results, metric)
     write_manifest(out_dir, inputs=inputs, files=[best, out_dir / "leaderboard.csv"], code=__name__)
