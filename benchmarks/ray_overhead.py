@@ -2,6 +2,7 @@
 
     python benchmarks/ray_overhead.py                  # 3 runs per setting, one at a time, on a local Ray
     python benchmarks/ray_overhead.py --runs 5 --out results/ray_overhead
+    python benchmarks/ray_overhead.py --bare           # Ray Train's own floor: runs whose function does nothing
 
 Each run is the project's own FoldRun (a tiny GPT-NeoX in LoRA, 1 epoch on 120 demo rows), fitted
 by `launcher.fit_run` under three settings, alternated so that machine noise hits all alike:
@@ -19,6 +20,11 @@ Per run it itemises: `start` (fit() called → training function running: contro
 actors, placement group, worker group set-up), `imports` (function start → model loaded),
 `train` (model loaded → last epoch evaluated), `finish` (→ function returned: checkpoint,
 held-out prediction) and `teardown` (→ fit() returned). Writes ray_overhead.json / .md.
+
+`--bare` times Ray Train alone (`cleaner` and `after`; the training function does nothing): seconds
+from fit() to the controller's process up (its first core-worker log line; one run at a time
+only), the worker's process created and up, the function running, and fit() returned.
+Writes ray_overhead_bare.json / .md.
 """
 
 from __future__ import annotations
@@ -93,13 +99,102 @@ def one_run(run, setting: str) -> dict:
             "teardown": t_end - clock["fn_end"], "wall": t_end - t0, "in_function": clock["fn_end"] - clock["fn_start"]}
 
 
+def bare_function(config: dict) -> None:
+    import psutil
+
+    Path(config["out"]).write_text(json.dumps({"fn": time.time(), "pid": os.getpid(),
+                                               "created": psutil.Process().create_time()}))
+
+
+def process_up(logs: str, pid: int) -> float | None:
+    """When a Ray process had its core worker up: the first line of its core-worker log."""
+    import datetime
+    import re
+
+    for path in Path(logs).glob(f"python-core-worker-*_{pid}.log"):
+        m = re.search(r"\[(\d+-\d+-\d+ \d+:\d+:\d+,\d+)", path.open().readline())
+        if m:
+            return datetime.datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    return None
+
+
+def bare_run(setting: str, storage: str, name: str, logs: str) -> dict:
+    """In a Ray task: one Train run of a function that does nothing, under `cleaner` or `after`."""
+    from ray.train import BackendConfig, RunConfig, ScalingConfig
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    from nikl_ray.launcher import guarded_trainer
+
+    out = Path(storage) / f"{name}.json"
+    make = guarded_trainer if setting == "after" else DataParallelTrainer
+    trainer = make(bare_function, train_loop_config={"out": str(out)}, backend_config=BackendConfig(),
+                   scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+                   run_config=RunConfig(name=name, storage_path=storage))
+    t0 = time.time()
+    trainer.fit()
+    returned = time.time()
+    fn = json.loads(out.read_text())
+    up = process_up(logs, fn["pid"])
+    return {"setting": setting, "t0": t0, "worker created": fn["created"] - t0,
+            "worker up": up - t0 if up else float("nan"), "function": fn["fn"] - t0, "returned": returned - t0}
+
+
+def bare(args) -> int:
+    import ray
+    from ray.util.state import list_actors
+
+    from nikl_ray.artifacts import write_json, write_text
+    from nikl_ray.cluster import api_server, connect
+    from nikl_ray.launcher import start_guardian
+    from nikl_ray.tables import markdown
+
+    out = Path(args.out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    connect(local=True, num_cpus=2)
+    start_guardian()
+    logs = ray._private.worker.global_worker.node.get_logs_dir_path()
+    runner = ray.remote(num_cpus=0)(bare_run)
+
+    def controllers() -> dict:
+        return {a.actor_id: a.pid for a in list_actors(address=api_server(), filters=[("class_name", "=", "TrainController")],
+                                                       limit=10000)}
+
+    rows, seen = [], controllers()
+    for i in range(args.runs):
+        for setting in ("cleaner", "after"):
+            got = ray.get([runner.remote(setting, str(out / "runs"), f"bare-{setting}-{i}-{j}", logs)
+                           for j in range(args.concurrent)])
+            now = controllers()
+            new = [pid for a, pid in now.items() if a not in seen]
+            seen = now
+            for row in got:
+                up = process_up(logs, new[0]) if args.concurrent == 1 and len(new) == 1 else None
+                row = {"setting": row.pop("setting"), "controller up": up - row.pop("t0") if up else float("nan"),
+                       **{k: v for k, v in row.items() if k != "t0"}}
+                rows.append(row)
+                print(f"bare {row['setting']} round {i}: " + ", ".join(f"{k} {v:.2f} s" for k, v in row.items()
+                                                                        if k != "setting"), flush=True)
+    keys = [k for k in rows[0] if k != "setting"]
+    summary = [{"setting": s, **{k: statistics.median(r[k] for r in rows if r["setting"] == s) for k in keys}}
+               for s in ("cleaner", "after")]
+    write_json(out / "ray_overhead_bare.json", {"runs": rows, "median": summary})
+    text = (f"# Ray Train alone: a function that does nothing ({args.runs} rounds per setting, {args.concurrent} run(s) "
+            f"at once, {os.cpu_count()} CPUs)\n\nMedian seconds after fit() was called.\n\n" + markdown(summary))
+    write_text(out / "ray_overhead_bare.md", text)
+    print(text)
+    return 0
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3, help="rounds per setting")
     ap.add_argument("--concurrent", type=int, default=1, help="runs at once in a round (2 on 2 CPUs is what the train "
                                                                "stage does; each then starts while the other trains)")
     ap.add_argument("--out", default=str(REPO / "results" / "ray_overhead"))
+    ap.add_argument("--bare", action="store_true", help="time Ray Train alone, with a function that does nothing")
     args = ap.parse_args(argv)
+    if args.bare:
+        return bare(args)
 
     import ray
 

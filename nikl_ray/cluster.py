@@ -42,7 +42,7 @@ RAY_ENV = {
     "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning",
 }
 
-_api_server: str | None = None  # dashboard of the instance connect() started ("" if started without one)
+_api_server: str | None = None  # dashboard of the instance connect() started
 
 
 class StorageError(RuntimeError):
@@ -61,7 +61,7 @@ def _dashboard_port(preferred: int = 8265) -> int:
     raise OSError("no free port for the Ray dashboard")
 
 
-def connect(local: bool = False, *, num_cpus: int | None = None, num_gpus: int | None = None, dashboard: bool = True) -> None:
+def connect(local: bool = False, *, num_cpus: int | None = None, num_gpus: int | None = None) -> None:
     """Start (local) or join Ray. `num_gpus` on a CPU machine advertises cards that are not there
     (a simulated GPU cluster: placement and packing run as on real cards, the math on the CPU)."""
     global _api_server
@@ -73,19 +73,15 @@ def connect(local: bool = False, *, num_cpus: int | None = None, num_gpus: int |
     if "HF_HUB_OFFLINE" in os.environ:
         env["HF_HUB_OFFLINE"] = os.environ["HF_HUB_OFFLINE"]
     if local:
-        ports = {}
-        _api_server = ""
-        if dashboard:
-            ports["dashboard_port"] = _dashboard_port()
-            # Inside workers Ray's state API finds "the" cluster through /tmp/ray/ray_current_cluster,
-            # i.e. the instance started last on this machine; with several, Train's placement-group
-            # cleaner would ask the wrong one. Point this instance's workers at their own dashboard.
-            _api_server = env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{ports['dashboard_port']}"
-        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=dashboard,
-                 dashboard_host="127.0.0.1", **ports, runtime_env={"env_vars": env}, log_to_driver=True,
-                 logging_level=logging.WARNING)
-        if dashboard:
-            log.info("Ray dashboard: %s", _api_server)
+        port = _dashboard_port()
+        # Inside workers Ray's state API finds "the" cluster through /tmp/ray/ray_current_cluster, i.e.
+        # the instance started last on this machine; with several, Train's state tracking (and its
+        # placement-group cleaner, where one runs) would ask the wrong one. Point this instance's
+        # workers at their own dashboard.
+        _api_server = env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=port, runtime_env={"env_vars": env}, log_to_driver=True, logging_level=logging.WARNING)
+        log.info("Ray dashboard: %s", _api_server)
     else:
         # inside `ray job submit`: combine with the job's runtime env (runtime_env.yaml sets some of the same vars)
         os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
@@ -94,33 +90,18 @@ def connect(local: bool = False, *, num_cpus: int | None = None, num_gpus: int |
 
 def api_server() -> str | None:
     """The dashboard (state API) address of the instance connect() started; None when it joined a cluster."""
-    return _api_server or None
+    return _api_server
 
 
 def dashboard_url() -> str | None:
     """The connected cluster's dashboard, as an http:// address (None without one)."""
     if _api_server is not None:
-        return _api_server or None
+        return _api_server
     try:
         url = ray._private.worker.get_dashboard_url()
     except Exception:  # noqa: BLE001 - no dashboard is not an error here
         return None
     return (url if url.startswith("http") else f"http://{url}") if url else None
-
-
-def state_api_problem() -> str | None:
-    """Why Ray's state API cannot be reached, or None. Ray Train frees the resources of a run whose
-    Tune trial was stopped early only by asking the state API (served by the dashboard) whether the
-    run's controller is still alive; without it they stay held and later trials wait for ever."""
-    from ray.util.state import list_actors
-
-    if _api_server == "":
-        return "this Ray instance was started without its dashboard"
-    try:
-        list_actors(address=_api_server, limit=1, timeout=10, raise_on_missing_output=False)
-    except Exception as e:  # noqa: BLE001 - any failure means the same thing here
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-    return None
 
 
 def _alive_nodes() -> list[dict]:

@@ -8,11 +8,13 @@ storage, restarts after a failure (`FailureConfig`) and restore after a killed d
 
 A run whose controller dies without cleaning up (Tune stopped its trial, the task driving it was
 killed) leaves its placement group holding its share of the cluster until the job ends. Ray Train
-guards against that with a detached `PlacementGroupCleaner` actor per run: one more process to
-start per run, ≈3 s of each run's start on 2 cores with two runs starting together
-(`benchmarks/ray_overhead.py`). A stage starts one `PlacementGroupGuardian` instead, which watches
-every run's controller and removes the placement group of one that died; runs started where no
-guardian is (a script calling `fit_run`) keep Ray's own cleaner.
+guards against that with a detached `PlacementGroupCleaner` actor per run, which asks the state
+API (the dashboard) every second whether the controller lives: one more process to start per run,
+≈5 s of each run's start and teardown on 2 cores with two runs starting together
+(`benchmarks/ray_overhead.py`). A stage starts one `PlacementGroupGuardian` instead: it watches
+every run's controller through the controller's own actor handle (no dashboard needed) and removes
+the placement group of one that died. Runs started where no guardian is (a script calling
+`fit_run`) keep Ray's cleaner.
 """
 
 from __future__ import annotations
@@ -37,13 +39,13 @@ class PlacementGroupGuardian:
     without removing it (what Ray Train's per-run `PlacementGroupCleaner` does, for all runs at once)."""
 
     def __init__(self, check_interval_s: float = 1.0):
-        self._runs: dict = {}  # controller actor id -> its worker group's placement group
+        self._runs: dict = {}  # controller actor id -> (controller handle, its worker group's placement group)
         self._lock = threading.Lock()
         threading.Thread(target=self._watch, args=(check_interval_s,), daemon=True, name="guardian").start()
 
-    def watch(self, controller_id: str, placement_group) -> None:
+    def watch(self, controller_id: str, controller, placement_group) -> None:
         with self._lock:  # a restarted worker group brings a new placement group
-            self._runs[controller_id] = placement_group
+            self._runs[controller_id] = (controller, placement_group)
 
     def release(self, controller_id: str) -> None:
         with self._lock:
@@ -54,28 +56,35 @@ class PlacementGroupGuardian:
             return list(self._runs)
 
     def _watch(self, interval: float) -> None:
-        from ray.util.placement_group import remove_placement_group
-        from ray.util.state import get_actor
-
         while True:
             time.sleep(interval)
             for controller_id in self.watching():
-                try:
-                    state = get_actor(controller_id, timeout=10)
-                except Exception:  # noqa: BLE001 - the state API is busy: ask again next round
-                    continue
-                if state is not None and state.state != "DEAD":
-                    continue
-                with self._lock:
-                    placement_group = self._runs.pop(controller_id, None)
-                if placement_group is None:  # released meanwhile: the run ended by itself
-                    continue
-                logging.getLogger(__name__).warning("a Train controller (%s) died: removing its placement group %s",
-                                                    controller_id, placement_group.id)
-                try:
-                    remove_placement_group(placement_group)
-                except Exception as e:  # noqa: BLE001 - removed already, or the cluster is going away
-                    logging.getLogger(__name__).warning("could not remove placement group %s: %s", placement_group.id, e)
+                self._check(controller_id)
+
+    def _check(self, controller_id: str) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        with self._lock:
+            run = self._runs.get(controller_id)
+        if run is None:
+            return
+        controller, placement_group = run
+        try:
+            ray.get(controller.__ray_ready__.remote(), timeout=10)
+            return
+        except ray.exceptions.GetTimeoutError:  # busy, not dead: ask again next round
+            return
+        except ray.exceptions.RayActorError:
+            pass
+        with self._lock:
+            if self._runs.pop(controller_id, None) is None:  # released meanwhile: the run ended by itself
+                return
+        log.warning("a Train controller died without cleaning up: removing its placement group %s", placement_group.id.hex())
+        try:
+            remove_placement_group(placement_group)
+        except Exception as e:  # noqa: BLE001 - removed already, or the cluster is going away
+            log.warning("could not remove placement group %s: %s", placement_group.id.hex(), e)
 
 
 def start_guardian():
@@ -109,7 +118,7 @@ def _guardian_callback():
 
         def after_worker_group_start(self, worker_group):
             pg = worker_group.get_worker_group_state().placement_group_handle.placement_group
-            ray.get(guardian.watch.remote(self._controller, pg))
+            ray.get(guardian.watch.remote(self._controller, ray.get_runtime_context().current_actor, pg))
 
         async def before_controller_shutdown(self):
             await guardian.release.remote(self._controller)
@@ -118,6 +127,23 @@ def _guardian_callback():
             ray.get(guardian.release.remote(self._controller), timeout=10)
 
     return GuardianCallback()
+
+
+def guarded_trainer(train_fn, **kwargs):
+    """A Ray Train `DataParallelTrainer` whose runs hand their placement group to the driver's
+    guardian (and keep Ray Train's own cleaner where there is none)."""
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    class GuardedTrainer(DataParallelTrainer):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            guard = _guardian_callback()
+            if guard is None:
+                return callbacks
+            return [guard if isinstance(c, PlacementGroupCleanerCallback) else c for c in callbacks]
+
+    return GuardedTrainer(train_fn, **kwargs)
 
 
 def run_config(run: FoldRun, callbacks: list | None = None):
@@ -141,19 +167,9 @@ def scaling_config(run: FoldRun):
 def make_trainer(run: FoldRun, callbacks: list | None = None):
     """The Ray Train trainer of one FoldRun."""
     from ray.train import BackendConfig
-    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
-    class GuardedTrainer(DataParallelTrainer):
-        def _create_default_callbacks(self):
-            callbacks = super()._create_default_callbacks()
-            guard = _guardian_callback()
-            if guard is None:
-                return callbacks
-            return [guard if isinstance(c, PlacementGroupCleanerCallback) else c for c in callbacks]
-
-    return GuardedTrainer(train_fold, train_loop_config={"run": run}, backend_config=BackendConfig(),
-                               scaling_config=scaling_config(run), run_config=run_config(run, callbacks))
+    return guarded_trainer(train_fold, train_loop_config={"run": run}, backend_config=BackendConfig(),
+                           scaling_config=scaling_config(run), run_config=run_config(run, callbacks))
 
 
 def fit_run(run: FoldRun, trainer=None) -> dict:

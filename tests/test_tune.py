@@ -76,15 +76,6 @@ def _trial_dirs(search: Path) -> list[Path]:
     return sorted(search.glob("trial_*")) if search.exists() else []
 
 
-def test_a_ray_instance_without_its_dashboard_reports_no_state_api():
-    """Ray Train frees a stopped trial's resources only through the state API: without it a search
-    would hang once stopped trials hold the cluster, so the tune stage refuses to start on this report."""
-    code = ("from nikl_ray.cluster import connect, state_api_problem; connect(local=True, num_cpus=1, dashboard=False); "
-            "print('PROBLEM', state_api_problem())")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=180)
-    assert "PROBLEM this Ray instance was started without its dashboard" in out.stdout, out.stderr[-2000:]
-
-
 @pytest.mark.slow
 def test_a_killed_search_resumes_and_pipeline_with_tune_run_twice_does_its_work_once(tmp_path, tiny_backbones, ray_local,
                                                                                     caplog):
@@ -92,6 +83,8 @@ def test_a_killed_search_resumes_and_pipeline_with_tune_run_twice_does_its_work_
     are kept; ASHA stops a trial that trails at its first rung: trials one at a time, so the seeded
     sampler fixes who reaches each rung first, ranked by selection loss), trains with the tuned
     values and submits; run a third time, it finds every stage done and does nothing."""
+    import ray
+
     from nikl_ray.cluster import api_server
     from nikl_ray.config import load_experiment
     from nikl_ray.pipeline import run_pipeline
@@ -130,6 +123,11 @@ def test_a_killed_search_resumes_and_pipeline_with_tune_run_twice_does_its_work_
     # the dashboard names each trial's Train run by backbone and sampled values
     names = {r["name"] for r in train_runs(api_server())}
     assert any(n.startswith("neox-lora_r=") and ",lr=" in n for n in names), names
+    # every trial's placement group is gone, ASHA's stopped ones too: the cluster is whole again
+    deadline = time.time() + 15  # (the resource view lags the last tasks by a moment)
+    while time.time() < deadline and ray.available_resources().get("CPU") != ray.cluster_resources()["CPU"]:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU") == ray.cluster_resources()["CPU"], ray.available_resources()
 
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "res").rglob("manifest.json")}
     t0 = time.time()

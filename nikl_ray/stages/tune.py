@@ -69,7 +69,7 @@ def run(exp: Experiment, data: Inputs, backbone: str, *, space_path: str | Path 
     from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search.optuna import OptunaSearch
 
-    from nikl_ray.cluster import plan_stage, state_api_problem
+    from nikl_ray.cluster import plan_stage
     from nikl_ray.launcher import start_guardian
 
     layout, folds, cfg = exp.layout, data.folds(exp), exp.search
@@ -94,11 +94,6 @@ def run(exp: Experiment, data: Inputs, backbone: str, *, space_path: str | Path 
     resume = experiment.exists() and tune.Tuner.can_restore(str(experiment))
     if resume and started.exists() and read_json(started) != inputs:
         raise ConfigError(f"a search for {backbone} with other settings is in {experiment}: delete {out_dir} to start over")
-    problem = state_api_problem()
-    if problem:
-        raise RuntimeError("tune needs Ray's state API, which the Ray dashboard serves: Ray Train frees the resources "
-                           "of a trial stopped early only through it, else later trials wait for ever. Start Ray with "
-                           f"its dashboard (nikl-ray --local does; `ray start --head` does by default). ({problem})")
 
     stage = plan_stage(exp, [memory_corner(spec, space)])
     placement = stage.placements[spec.name]
