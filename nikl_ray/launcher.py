@@ -10,7 +10,7 @@ A run whose controller dies without cleaning up (Tune stopped its trial, the tas
 killed) leaves its placement group holding its share of the cluster until the job ends. Ray Train
 guards against that with a detached `PlacementGroupCleaner` actor per run, which asks the state
 API (the dashboard) every second whether the controller lives: one more process to start per run,
-≈5 s of each run's start and teardown on 2 cores with two runs starting together
+≈6 s of each run's start and teardown on 2 cores with two runs starting together
 (`benchmarks/ray_overhead.py`). A stage starts one `PlacementGroupGuardian` instead: it watches
 every run's controller through the controller's own actor handle (no dashboard needed) and removes
 the placement group of one that died. Runs started where no guardian is (a script calling

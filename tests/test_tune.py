@@ -131,6 +131,7 @@ def test_a_killed_search_resumes_and_pipeline_with_tune_run_twice_does_its_work_
 
     stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "res").rglob("manifest.json")}
     t0 = time.time()
+    caplog.clear()  # this run's records only
     with caplog.at_level("INFO", logger="nikl_ray"):
         run_pipeline(load_experiment(config), tune=True)
     assert time.time() - t0 < 60
