@@ -25,6 +25,20 @@ def rules_for(multi_label: bool) -> tuple[str, ...]:
     return MULTI_LABEL_RULES if multi_label else ("argmax",)
 
 
+def thresholds(rule: str, params: dict | None, n_labels: int) -> np.ndarray:
+    """Each label's threshold under `rule` (argmax has none: nan)."""
+    params = params or {}
+    if rule == "argmax":
+        return np.full(n_labels, np.nan)
+    if rule == "threshold_0.5":
+        return np.full(n_labels, 0.5)
+    if rule in ("global_threshold", "at_least_one"):
+        return np.full(n_labels, params["threshold"], dtype=float)
+    if rule == "per_label_thresholds":
+        return np.asarray(params["thresholds"], dtype=float)
+    raise ValueError(f"unknown decision rule {rule!r}")
+
+
 def decide(probs: np.ndarray, rule: str, params: dict | None = None) -> np.ndarray:
     """(n, L) bool decisions of `rule` with `params`."""
     probs = np.asarray(probs)
@@ -32,27 +46,10 @@ def decide(probs: np.ndarray, rule: str, params: dict | None = None) -> np.ndarr
         out = np.zeros(probs.shape, dtype=bool)
         out[np.arange(len(probs)), probs.argmax(1)] = True
         return out
-    if rule == "threshold_0.5":
-        return probs >= 0.5
-    if rule == "global_threshold":
-        return probs >= params["threshold"]
-    if rule == "per_label_thresholds":
-        return probs >= np.asarray(params["thresholds"])
-    if rule == "at_least_one":
-        out = probs >= params["threshold"]
+    out = probs >= thresholds(rule, params, probs.shape[1])
+    if rule == "at_least_one":  # a row with no label above the threshold gets its likeliest one
         out[np.arange(len(probs)), probs.argmax(1)] |= ~out.any(1)
-        return out
-    raise ValueError(f"unknown decision rule {rule!r}")
-
-
-def thresholds(rule: str, params: dict | None, n_labels: int) -> np.ndarray:
-    """Each label's threshold under `rule` (argmax has none: nan)."""
-    params = params or {}
-    if rule == "per_label_thresholds":
-        return np.asarray(params["thresholds"], dtype=float)
-    if rule in ("global_threshold", "at_least_one"):
-        return np.full(n_labels, params["threshold"], dtype=float)
-    return np.full(n_labels, 0.5 if rule == "threshold_0.5" else np.nan)
+    return out
 
 
 def _at_or_above(p: np.ndarray, y: np.ndarray, grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -123,7 +123,7 @@ def test_a_killed_search_resumes_and_pipeline_with_tune_run_twice_does_its_work_
     # the dashboard names each trial's Train run by backbone and sampled values
     names = {r["name"] for r in train_runs(api_server())}
     assert any(n.startswith("neox-lora_r=") and ",lr=" in n for n in names), names
-    # every trial's placement group is gone, ASHA's stopped ones too: the cluster is whole again
+    # the cluster is whole again: no trial's or run's placement group outlived it
     deadline = time.time() + 15  # (the resource view lags the last tasks by a moment)
     while time.time() < deadline and ray.available_resources().get("CPU") != ray.cluster_resources()["CPU"]:
         time.sleep(0.5)
