@@ -5,7 +5,7 @@
     python benchmarks/ray_overhead.py --bare           # Ray Train's own floor: runs whose function does nothing
 
 Each run is the project's own FoldRun (a tiny GPT-NeoX in LoRA, 1 epoch on 120 demo rows), fitted
-by `launcher.fit_run` under three settings, alternated so that machine noise hits all alike:
+by `launcher.fit_run` under four settings, alternated so that machine noise hits all alike:
 
 - `before`: how runs were launched until this change: TorchTrainer (a torch process group even
   for one worker, so HF wraps the model in DDP), Ray Train's defaults (its controller polls every
@@ -13,15 +13,18 @@ by `launcher.fit_run` under three settings, alternated so that machine noise hit
 - `cleaner`: DataParallelTrainer with Ray's plain backend (no process group, no DDP), the
   controller polling every 0.25 s, no preemption watcher, bitsandbytes not imported unless the
   run quantizes; Ray Train's detached placement-group cleaner actor started for every run;
-- `after`: today's launcher: as `cleaner`, with the stage's one placement-group guardian in place
-  of a cleaner per run.
+- `guardian`: as `cleaner`, with the stage's one placement-group guardian in place of a cleaner
+  per run; the controller and the worker each get Ray Train's runtime env of their own, so each
+  starts in a new Python process;
+- `after`: today's launcher: as `guardian`, with no runtime env of their own (every process has
+  the project's environment already), so both start in idle processes Ray keeps ready.
 
 Per run it itemises: `start` (fit() called → training function running: controller and worker
 actors, placement group, worker group set-up), `imports` (function start → model loaded),
 `train` (model loaded → last epoch evaluated), `finish` (→ function returned: checkpoint,
 held-out prediction) and `teardown` (→ fit() returned). Writes ray_overhead.json / .md.
 
-`--bare` times Ray Train alone (`cleaner` and `after`; the training function does nothing): seconds
+`--bare` times Ray Train alone (`cleaner`, `guardian` and `after`; the training function does nothing): seconds
 from fit() to the controller's process up (its first core-worker log line; one run at a time
 only), the worker's process created and up, the function running, and fit() returned.
 Writes ray_overhead_bare.json / .md.
@@ -30,6 +33,7 @@ Writes ray_overhead_bare.json / .md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -42,7 +46,8 @@ sys.path.insert(0, str(REPO))
 
 # Ray Train's defaults, which the project's RAY_ENV (cluster.py) changes
 BEFORE_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2.0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}
-SETTINGS = ("before", "cleaner", "after")
+SETTINGS = ("before", "cleaner", "guardian", "after")
+BARE_SETTINGS = ("cleaner", "guardian", "after")
 
 
 def train_fold_before(config: dict) -> None:
@@ -74,23 +79,38 @@ def cleaner_trainer(run):
                                scaling_config=scaling_config(run), run_config=run_config(run))
 
 
+@contextlib.contextmanager
+def setting_env(setting: str):
+    """The driving task's environment for a setting: Ray Train's defaults for `before`; for `guardian`,
+    without connect()'s word that every process has the environment (the launcher then gives Train's
+    actors Ray's runtime envs)."""
+    from nikl_ray.cluster import ENV_IN_EVERY_PROCESS
+
+    change = {"before": BEFORE_ENV, "guardian": {ENV_IN_EVERY_PROCESS: None}}.get(setting, {})
+    saved = {k: os.environ.get(k) for k in change}
+    set_env(change)
+    try:
+        yield
+    finally:
+        set_env(saved)
+
+
+def set_env(env: dict) -> None:
+    for k, v in env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 def one_run(run, setting: str) -> dict:
     """In a Ray task (the driver of the Train run, like the train stage's launcher)."""
     from nikl_ray.launcher import fit_run
     from nikl_ray.worker import FINAL
 
     t0 = time.time()
-    env = {k: os.environ.get(k) for k in BEFORE_ENV}
-    if setting == "before":
-        os.environ.update(BEFORE_ENV)
-    try:
+    with setting_env(setting):
         fit_run(run, {"before": before_trainer, "cleaner": cleaner_trainer}.get(setting, lambda run: None)(run))
-    finally:
-        for k, v in env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     t_end = time.time()
     final = json.loads((Path(run.storage) / run.name / FINAL).read_text())
     clock = final["clock"]
@@ -119,20 +139,21 @@ def process_up(logs: str, pid: int) -> float | None:
 
 
 def bare_run(setting: str, storage: str, name: str, logs: str) -> dict:
-    """In a Ray task: one Train run of a function that does nothing, under `cleaner` or `after`."""
+    """In a Ray task: one Train run of a function that does nothing, under one of BARE_SETTINGS."""
     from ray.train import BackendConfig, RunConfig, ScalingConfig
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     from nikl_ray.launcher import guarded_trainer
 
     out = Path(storage) / f"{name}.json"
-    make = guarded_trainer if setting == "after" else DataParallelTrainer
-    trainer = make(bare_function, train_loop_config={"out": str(out)}, backend_config=BackendConfig(),
-                   scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
-                   run_config=RunConfig(name=name, storage_path=storage))
-    t0 = time.time()
-    trainer.fit()
-    returned = time.time()
+    make = DataParallelTrainer if setting == "cleaner" else guarded_trainer
+    with setting_env(setting):
+        trainer = make(bare_function, train_loop_config={"out": str(out)}, backend_config=BackendConfig(),
+                       scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
+                       run_config=RunConfig(name=name, storage_path=storage))
+        t0 = time.time()
+        trainer.fit()
+        returned = time.time()
     fn = json.loads(out.read_text())
     up = process_up(logs, fn["pid"])
     return {"setting": setting, "t0": t0, "worker created": fn["created"] - t0,
@@ -156,12 +177,12 @@ def bare(args) -> int:
     runner = ray.remote(num_cpus=0)(bare_run)
 
     def controllers() -> dict:
-        return {a.actor_id: a.pid for a in list_actors(address=api_server(), filters=[("class_name", "=", "TrainController")],
-                                                       limit=10000)}
+        return {a.actor_id: a.pid for a in list_actors(address=api_server(), limit=10000)
+                if a.class_name.endswith("Controller")}  # Ray's TrainController and the launcher's subclass
 
     rows, seen = [], controllers()
     for i in range(args.runs):
-        for setting in ("cleaner", "after"):
+        for setting in BARE_SETTINGS:
             got = ray.get([runner.remote(setting, str(out / "runs"), f"bare-{setting}-{i}-{j}", logs)
                            for j in range(args.concurrent)])
             now = controllers()
@@ -176,7 +197,7 @@ def bare(args) -> int:
                                                                         if k != "setting"), flush=True)
     keys = [k for k in rows[0] if k != "setting"]
     summary = [{"setting": s, **{k: statistics.median(r[k] for r in rows if r["setting"] == s) for k in keys}}
-               for s in ("cleaner", "after")]
+               for s in BARE_SETTINGS]
     write_json(out / "ray_overhead_bare.json", {"runs": rows, "median": summary})
     text = (f"# Ray Train alone: a function that does nothing ({args.runs} rounds per setting, {args.concurrent} run(s) "
             f"at once, {os.cpu_count()} CPUs)\n\nMedian seconds after fit() was called.\n\n" + markdown(summary))
@@ -220,7 +241,7 @@ def main(argv=None) -> int:
     folds = split.run(exp, data.rows)
     exp = prepare(exp)
     connect(local=True, num_cpus=2)
-    start_guardian()  # as the train stage does: `after` runs hand their placement groups to it
+    start_guardian()  # as the train stage does: `guardian` and `after` runs hand their placement groups to it
     payload = ray.put(RowsPayload.of(data.rows))
     runner = ray.remote(num_cpus=0)(one_run)
     rows = []

@@ -21,6 +21,7 @@ from nikl_ray.runspec import Device
 
 log = logging.getLogger(__name__)
 
+ENV_IN_EVERY_PROCESS = "NIKL_RAY_ENV_IN_EVERY_PROCESS"
 # What every process of ours and Ray's gets (the ray jobs' runtime_env.yaml carries the same).
 RAY_ENV = {
     "RAY_TRAIN_V2_ENABLED": "1",
@@ -40,6 +41,10 @@ RAY_ENV = {
     # libraries' deprecation notices about each other (Ray Data in Train's controller, transformers in
     # peft): nothing a user of nikl-ray can act on
     "PYTHONWARNINGS": "ignore::DeprecationWarning,ignore::FutureWarning",
+    # what Ray Train gives its controller through a runtime env of its own (launcher.py: ours need none)
+    "RAY_WARN_BLOCKING_GET_INSIDE_ASYNC": "0",
+    # says to the launcher that every process of this Ray job has the variables above
+    ENV_IN_EVERY_PROCESS: "1",
 }
 
 _api_server: str | None = None  # dashboard of the instance connect() started
@@ -67,20 +72,26 @@ def connect(local: bool = False, *, num_cpus: int | None = None, num_gpus: int |
     global _api_server
     if ray.is_initialized():
         return
+    if _api_server and os.environ.get("RAY_API_SERVER_ADDRESS") == _api_server:  # a previous instance's
+        del os.environ["RAY_API_SERVER_ADDRESS"]
+    _api_server = None
     for k, v in RAY_ENV.items():
         os.environ.setdefault(k, v)
-    env = {k: os.environ[k] for k in RAY_ENV}
-    if "HF_HUB_OFFLINE" in os.environ:
-        env["HF_HUB_OFFLINE"] = os.environ["HF_HUB_OFFLINE"]
+    # Ray Train's own settings a user set (Ray propagates them to its actors through runtime envs)
+    env = {k: v for k, v in os.environ.items() if k in RAY_ENV or k.startswith("RAY_TRAIN_") or k == "HF_HUB_OFFLINE"}
     if local:
         port = _dashboard_port()
         # Inside workers Ray's state API finds "the" cluster through /tmp/ray/ray_current_cluster, i.e.
         # the instance started last on this machine; with several, Train's state tracking (and its
         # placement-group cleaner, where one runs) would ask the wrong one. Point this instance's
         # workers at their own dashboard.
-        _api_server = env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        _api_server = os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        # The environment reaches every worker by inheritance (Ray's processes start from this one's),
+        # not as the job's runtime env: Ray keeps idle worker processes started ahead only for a job
+        # without one, and a Train run's controller and worker then start in one of those instead of
+        # a new process each (benchmarks/ray_overhead.py).
         ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 dashboard_port=port, runtime_env={"env_vars": env}, log_to_driver=True, logging_level=logging.WARNING)
+                 dashboard_port=port, log_to_driver=True, logging_level=logging.WARNING)
         log.info("Ray dashboard: %s", _api_server)
     else:
         # inside `ray job submit`: combine with the job's runtime env (runtime_env.yaml sets some of the same vars)
