@@ -1,4 +1,5 @@
-"""Runs FoldRuns on Ray Train inside the placement plan (the train stage and every tune trial).
+"""Runs FoldRuns on Ray Train inside the placement plan (the train stage and every tune trial); the
+pretrain stage's DDP runs go through the same `guarded_trainer`.
 
 Each run is one Ray Train run of one worker: `DataParallelTrainer` with Ray's plain backend.
 One worker needs no torch process group, so HF Trainer is not wrapped in DDP (TorchTrainer

@@ -94,7 +94,10 @@ def test_a_killed_search_resumes_and_pipeline_with_tune_run_twice_does_its_work_
                               prune_metric="eval_loss", grace_period=1)
     search = tmp_path / "res" / "tune" / "neox" / "search"
     cmd = [sys.executable, "-m", "nikl_ray.cli", "pipeline", "--tune", "--config", str(config), "--local", "--num-cpus", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    # Tune saves its experiment state at most every 10 s by default: every second here, so the kill
+    # comes right after the first trial finishes instead of well into the next one
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+                            env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"})
     try:
         deadline = time.time() + 400
         while time.time() < deadline and not _terminated_in_saved_state(search):

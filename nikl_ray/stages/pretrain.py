@@ -37,9 +37,10 @@ def run(exp: Experiment, backbones: list[str] | None = None) -> dict[str, Path]:
     """Pretrain every configured backbone not already done. Returns {backbone: checkpoint}."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     from nikl_ray.cluster import plan_stage
+    from nikl_ray.launcher import guarded_trainer, start_guardian
 
     layout, out = exp.layout, {}
     specs = [s for s in exp.backbones if s.pretrain and (backbones is None or s.name in backbones)]
@@ -67,8 +68,10 @@ def run(exp: Experiment, backbones: list[str] | None = None) -> dict[str, Path]:
         log.info("pretrain %s: %s (%s) on %d texts (%d held out; %s) for %s with %d worker(s): %s", spec.name,
                  spec.objective, why, len(train_texts), len(held), ", ".join(f"{Path(k).name} {v}" for k, v in
                                                                             info["sources"].items()), budget, workers, resources)
-        trainer = TorchTrainer(
-            pretrain_loop, train_loop_config={"run": run_}, torch_config=TorchConfig(backend="nccl" if device.device == "cuda" else "gloo"),
+        start_guardian()
+        # TorchTrainer's backend (a process group for DDP) through the launcher's trainer
+        trainer = guarded_trainer(
+            pretrain_loop, train_loop_config={"run": run_}, backend_config=TorchConfig(backend="nccl" if device.device == "cuda" else "gloo"),
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=device.schedule_gpu, resources_per_worker=resources),
             run_config=RunConfig(name=run_.name, storage_path=str(d), failure_config=FailureConfig(max_failures=exp.resources.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=1), logging_config=LoggingConfig(log_level="WARNING")))
