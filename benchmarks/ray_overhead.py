@@ -177,8 +177,8 @@ def bare(args) -> int:
     runner = ray.remote(num_cpus=0)(bare_run)
 
     def controllers() -> dict:
-        return {a.actor_id: a.pid for a in list_actors(address=api_server(), limit=10000)
-                if a.class_name.endswith("Controller")}  # Ray's TrainController and the launcher's subclass
+        return {a.actor_id: a.pid for a in list_actors(address=api_server(), filters=[("class_name", "=", "TrainController")],
+                                                       limit=10000)}
 
     rows, seen = [], controllers()
     for i in range(args.runs):

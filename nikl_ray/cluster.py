@@ -77,7 +77,7 @@ def connect(local: bool = False, *, num_cpus: int | None = None, num_gpus: int |
     _api_server = None
     for k, v in RAY_ENV.items():
         os.environ.setdefault(k, v)
-    # Ray Train's own settings a user set (Ray propagates them to its actors through runtime envs)
+    # and Ray Train's own settings a user set: Ray Train would hand them to its actors in runtime envs
     env = {k: v for k, v in os.environ.items() if k in RAY_ENV or k.startswith("RAY_TRAIN_") or k == "HF_HUB_OFFLINE"}
     if local:
         port = _dashboard_port()

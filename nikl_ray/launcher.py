@@ -166,6 +166,8 @@ def guarded_trainer(train_fn, **kwargs):
     class InheritingController(TrainController):
         worker_group_cls = InheritingWorkerGroup
 
+    InheritingController.__qualname__ = "TrainController"  # what the dashboard (and Ray's docs) call it
+
     class InheritingTrainer(GuardedTrainer):
         def _initialize_and_run_controller(self, **controller_init_kwargs):
             # Ray's own method less the controller's runtime env: no CPU, on the driving task's node

@@ -223,11 +223,13 @@ def test_a_killed_driver_resumes_without_retraining_and_matches_an_uninterrupted
 def test_a_run_whose_driving_task_dies_gives_its_share_of_the_cluster_back(trained, tmp_path):
     """The task driving a Train run is killed mid-run, and its controller with it: the stage's
     placement-group guardian (one actor for all runs, in place of Ray Train's detached cleaner per
-    run) removes the run's placement group, so the CPU it held is free for the runs after it."""
+    run) removes the run's placement group, so the CPU it held is free for the runs after it. While
+    it runs, its actors have the project's environment without runtime envs of their own."""
+    import psutil
     import ray
-    from ray.util.state import list_actors
+    from ray.util.state import list_actors, list_placement_groups
 
-    from nikl_ray.cluster import api_server
+    from nikl_ray.cluster import RAY_ENV, api_server
     from nikl_ray.folds import fold_positions
     from nikl_ray.launcher import fit_run, start_guardian
     from nikl_ray.placement import Placement
@@ -245,6 +247,17 @@ def test_a_run_whose_driving_task_dies_gives_its_share_of_the_cluster_back(train
     assert ray.get(guardian.watching.remote()), "the run's placement group never reached the guardian"
     cleaners = list_actors(address=api_server(), filters=[("class_name", "=", "PlacementGroupCleaner"), ("state", "=", "ALIVE")])
     assert not cleaners, cleaners  # no process of its own per run
+    # its controller and worker have no runtime env of their own (so they may start in Ray's idle
+    # processes), and still the project's environment
+    watched = ray.get(guardian.watching.remote())
+    held = {g.placement_group_id for g in list_placement_groups(address=api_server(), filters=[("state", "=", "CREATED")])}
+    alive = list_actors(address=api_server(), filters=[("state", "=", "ALIVE")], detail=True)
+    run_actors = [a for a in alive if a.actor_id in watched or (a.class_name == "RayTrainWorker" and a.placement_group_id in held)]
+    assert sorted(a.class_name for a in run_actors) == ["RayTrainWorker", "TrainController"], alive
+    for actor in run_actors:
+        assert actor.serialized_runtime_env in ("", "{}"), actor
+        env = psutil.Process(actor.pid).environ()
+        assert all(env.get(k) == os.environ[k] for k in RAY_ENV), (actor.class_name, {k: env.get(k) for k in RAY_ENV})
     assert ray.available_resources().get("CPU", 0) <= total - 1
     ray.cancel(pending, force=True)  # kills the process running fit_run
     deadline = time.time() + 60
