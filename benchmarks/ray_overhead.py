@@ -24,9 +24,9 @@ actors, placement group, worker group set-up), `imports` (function start → mod
 `train` (model loaded → last epoch evaluated), `finish` (→ function returned: checkpoint,
 held-out prediction) and `teardown` (→ fit() returned). Writes ray_overhead.json / .md.
 
-`--bare` times Ray Train alone (`cleaner`, `guardian` and `after`; the training function does nothing): seconds
-from fit() to the controller's process up (its first core-worker log line; one run at a time
-only), the worker's process created and up, the function running, and fit() returned.
+`--bare` times Ray Train alone (`cleaner`, `guardian` and `after`; the training function does
+nothing): seconds from fit() to the controller's process up (its first core-worker log line; one
+run at a time only), the worker's process created and up, the function running, and fit() returned.
 Writes ray_overhead_bare.json / .md.
 """
 
