@@ -15,9 +15,9 @@ by `launcher.fit_run` under four settings, alternated so that machine noise hits
   run quantizes; Ray Train's detached placement-group cleaner actor started for every run;
 - `guardian`: as `cleaner`, with the stage's one placement-group guardian in place of a cleaner
   per run; the controller and the worker each get Ray Train's runtime env of their own, so each
-  starts in a new Python process;
+  one's process waits for Ray's runtime-env agent to set it up;
 - `after`: today's launcher: as `guardian`, with no runtime env of their own (every process has
-  the project's environment already), so both start in idle processes Ray keeps ready.
+  the project's environment already).
 
 Per run it itemises: `start` (fit() called → training function running: controller and worker
 actors, placement group, worker group set-up), `imports` (function start → model loaded),

@@ -77,8 +77,6 @@ def connect(local: bool = False, *, num_cpus: int | None = None, num_gpus: int |
     _api_server = None
     for k, v in RAY_ENV.items():
         os.environ.setdefault(k, v)
-    # and Ray Train's own settings a user set: Ray Train would hand them to its actors in runtime envs
-    env = {k: v for k, v in os.environ.items() if k in RAY_ENV or k.startswith("RAY_TRAIN_") or k == "HF_HUB_OFFLINE"}
     if local:
         port = _dashboard_port()
         # Inside workers Ray's state API finds "the" cluster through /tmp/ray/ray_current_cluster, i.e.
@@ -87,15 +85,17 @@ def connect(local: bool = False, *, num_cpus: int | None = None, num_gpus: int |
         # workers at their own dashboard.
         _api_server = os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         # The environment reaches every worker by inheritance (Ray's processes start from this one's),
-        # not as the job's runtime env: Ray keeps idle worker processes started ahead only for a job
-        # without one, and a Train run's controller and worker then start in one of those instead of
-        # a new process each (benchmarks/ray_overhead.py).
+        # not as the job's runtime env: a process for a job or actor with a runtime env starts only
+        # once Ray's runtime-env agent has set it up, and with none a Train run's controller and
+        # worker start sooner (benchmarks/ray_overhead.py).
         ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_host="127.0.0.1",
                  dashboard_port=port, log_to_driver=True, logging_level=logging.WARNING)
         log.info("Ray dashboard: %s", _api_server)
     else:
         # inside `ray job submit`: combine with the job's runtime env (runtime_env.yaml sets some of the same vars)
         os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
+        # and Ray Train's own settings a user set: Ray Train would hand them to its actors in runtime envs
+        env = {k: v for k, v in os.environ.items() if k in RAY_ENV or k.startswith("RAY_TRAIN_") or k == "HF_HUB_OFFLINE"}
         ray.init(address=os.environ.get("RAY_ADDRESS", "auto"), runtime_env={"env_vars": env}, logging_level=logging.WARNING)
 
 

@@ -20,6 +20,7 @@ the placement group of one that died. Runs started where no guardian is (a scrip
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -131,17 +132,15 @@ def _guardian_callback():
     return GuardianCallback()
 
 
-def guarded_trainer(train_fn, **kwargs):
-    """A Ray Train `DataParallelTrainer` whose runs hand their placement group to the driver's
-    guardian (and keep Ray Train's own cleaner where there is none), and whose controller and worker
-    start in Ray's idle worker processes where `connect()` gave every process the environment."""
+@functools.cache
+def _trainer_classes() -> tuple[type, type]:
+    """(GuardedTrainer, InheritingTrainer), built once per process: Ray Train is imported only when a
+    run is made, and the controller's actor class is exported to the cluster once, not per run."""
     import ray
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
     from ray.train.v2._internal.execution.controller import TrainController
     from ray.train.v2._internal.execution.worker_group.worker_group import WorkerGroup
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
-
-    from nikl_ray.cluster import ENV_IN_EVERY_PROCESS
 
     class GuardedTrainer(DataParallelTrainer):
         def _create_default_callbacks(self):
@@ -151,13 +150,10 @@ def guarded_trainer(train_fn, **kwargs):
                 return callbacks
             return [guard if isinstance(c, PlacementGroupCleanerCallback) else c for c in callbacks]
 
-    if not os.environ.get(ENV_IN_EVERY_PROCESS):
-        return GuardedTrainer(train_fn, **kwargs)
-
     # Ray Train hands its environment variables to the controller and to each worker as a runtime
-    # env of their own, and an actor whose runtime env is not its job's never starts in one of the
-    # idle processes Ray keeps ready: each run waited for two new Python processes to start and
-    # import Ray. Here every process has those variables already, so neither actor needs one.
+    # env of their own, and the process of an actor with a runtime env starts only once Ray's
+    # runtime-env agent has set it up (nor can it use an idle process Ray started ahead). Where
+    # every process has those variables already, neither actor needs one.
     class InheritingWorkerGroup(WorkerGroup):
         @staticmethod
         def _get_worker_runtime_env(custom_runtime_env):
@@ -167,18 +163,29 @@ def guarded_trainer(train_fn, **kwargs):
         worker_group_cls = InheritingWorkerGroup
 
     InheritingController.__qualname__ = "TrainController"  # what the dashboard (and Ray's docs) call it
+    controller_actor = ray.remote(num_cpus=0)(InheritingController)
 
     class InheritingTrainer(GuardedTrainer):
         def _initialize_and_run_controller(self, **controller_init_kwargs):
             # Ray's own method less the controller's runtime env: no CPU, on the driving task's node
             node = {ray._raylet.RAY_NODE_ID_KEY: ray.get_runtime_context().get_node_id()}
-            controller = ray.remote(num_cpus=0, label_selector=node)(InheritingController).remote(**controller_init_kwargs)
+            controller = controller_actor.options(label_selector=node).remote(**controller_init_kwargs)
             if threading.current_thread() is threading.main_thread():
                 self._register_sigint_handler(controller)
             ray.get(controller.run.remote())
             return ray.get(controller.get_result.remote())
 
-    return InheritingTrainer(train_fn, **kwargs)
+    return GuardedTrainer, InheritingTrainer
+
+
+def guarded_trainer(train_fn, **kwargs):
+    """A Ray Train `DataParallelTrainer` whose runs hand their placement group to the driver's
+    guardian (and keep Ray Train's own cleaner where there is none), and whose controller and
+    workers get no runtime env of their own where `connect()` gave every process the environment."""
+    from nikl_ray.cluster import ENV_IN_EVERY_PROCESS
+
+    guarded, inheriting = _trainer_classes()
+    return (inheriting if os.environ.get(ENV_IN_EVERY_PROCESS) else guarded)(train_fn, **kwargs)
 
 
 def run_config(run: FoldRun, callbacks: list | None = None):

@@ -247,8 +247,8 @@ def test_a_run_whose_driving_task_dies_gives_its_share_of_the_cluster_back(train
     assert ray.get(guardian.watching.remote()), "the run's placement group never reached the guardian"
     cleaners = list_actors(address=api_server(), filters=[("class_name", "=", "PlacementGroupCleaner"), ("state", "=", "ALIVE")])
     assert not cleaners, cleaners  # no process of its own per run
-    # its controller and worker have no runtime env of their own (so they may start in Ray's idle
-    # processes), and still the project's environment
+    # its controller and worker have no runtime env of their own (their processes start without
+    # waiting for Ray's runtime-env agent), and still the project's environment
     watched = ray.get(guardian.watching.remote())
     held = {g.placement_group_id for g in list_placement_groups(address=api_server(), filters=[("state", "=", "CREATED")])}
     alive = list_actors(address=api_server(), filters=[("state", "=", "ALIVE")], detail=True)
