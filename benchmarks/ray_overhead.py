@@ -5,7 +5,7 @@
     python benchmarks/ray_overhead.py --bare           # Ray Train's own floor: runs whose function does nothing
 
 Each run is the project's own FoldRun (a tiny GPT-NeoX in LoRA, 1 epoch on 120 demo rows), fitted
-by `launcher.fit_run` under four settings, alternated so that machine noise hits all alike:
+by `launcher.fit_run` under five settings, alternated so that machine noise hits all alike:
 
 - `before`: how runs were launched until this change: TorchTrainer (a torch process group even
   for one worker, so HF wraps the model in DDP), Ray Train's defaults (its controller polls every
@@ -16,15 +16,18 @@ by `launcher.fit_run` under four settings, alternated so that machine noise hits
 - `guardian`: as `cleaner`, with the stage's one placement-group guardian in place of a cleaner
   per run; the controller and the worker each get Ray Train's runtime env of their own, so each
   one's process waits for Ray's runtime-env agent to set it up;
-- `after`: today's launcher: as `guardian`, with no runtime env of their own (every process has
-  the project's environment already).
+- `tasks`: as `guardian`, with no runtime env of their own (every process has the project's
+  environment already); each run driven by a Ray task of its own, and Ray Train registering each
+  run with Ray Data's autoscaling coordinator;
+- `after`: today's launcher: as `tasks`, with each run driven from a thread of the stage's process
+  (`launcher.run_all`) and no autoscaling requests on the instance connect() started.
 
 Per run it itemises: `start` (fit() called → training function running: controller and worker
 actors, placement group, worker group set-up), `imports` (function start → model loaded),
 `train` (model loaded → last epoch evaluated), `finish` (→ function returned: checkpoint,
 held-out prediction) and `teardown` (→ fit() returned). Writes ray_overhead.json / .md.
 
-`--bare` times Ray Train alone (`cleaner`, `guardian` and `after`; the training function does
+`--bare` times Ray Train alone (`cleaner`, `guardian`, `tasks` and `after`; the training function does
 nothing): seconds from fit() to the controller's process up (its first core-worker log line; one
 run at a time only), the worker's process created and up, the function running, and fit() returned.
 Writes ray_overhead_bare.json / .md.
@@ -39,6 +42,7 @@ import os
 import statistics
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,8 +50,8 @@ sys.path.insert(0, str(REPO))
 
 # Ray Train's defaults, which the project's RAY_ENV (cluster.py) changes
 BEFORE_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2.0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}
-SETTINGS = ("before", "cleaner", "guardian", "after")
-BARE_SETTINGS = ("cleaner", "guardian", "after")
+SETTINGS = ("before", "cleaner", "guardian", "tasks", "after")
+BARE_SETTINGS = ("cleaner", "guardian", "tasks", "after")
 
 
 def train_fold_before(config: dict) -> None:
@@ -83,10 +87,13 @@ def cleaner_trainer(run):
 def setting_env(setting: str):
     """The driving task's environment for a setting: Ray Train's defaults for `before`; for `guardian`,
     without connect()'s word that every process has the environment (the launcher then gives Train's
-    actors Ray's runtime envs)."""
-    from nikl_ray.cluster import ENV_IN_EVERY_PROCESS
+    actors Ray's runtime envs); for all but `after`, without its word that the instance has a fixed
+    size (the launcher then lets Ray Train send its autoscaling requests)."""
+    from nikl_ray.cluster import ENV_IN_EVERY_PROCESS, FIXED_SIZE
 
-    change = {"before": BEFORE_ENV, "guardian": {ENV_IN_EVERY_PROCESS: None}}.get(setting, {})
+    change = {"before": BEFORE_ENV, "guardian": {ENV_IN_EVERY_PROCESS: None}, "after": {}}.get(setting, {})
+    if setting != "after":
+        change = {**change, FIXED_SIZE: None}
     saved = {k: os.environ.get(k) for k in change}
     set_env(change)
     try:
@@ -104,7 +111,8 @@ def set_env(env: dict) -> None:
 
 
 def one_run(run, setting: str) -> dict:
-    """In a Ray task (the driver of the Train run, like the train stage's launcher)."""
+    """The driver of one Train run: in a thread of this process for `after` (as `launcher.run_all`
+    drives the train stage's runs), in a Ray task of its own for the other settings."""
     from nikl_ray.launcher import fit_run
     from nikl_ray.worker import FINAL
 
@@ -160,7 +168,7 @@ def bare_run(setting: str, storage: str, name: str, logs: str) -> dict:
             "worker up": up - t0 if up else float("nan"), "function": fn["fn"] - t0, "returned": returned - t0}
 
 
-def bare(args) -> int:
+def bare(args, settings: tuple[str, ...]) -> int:
     import ray
     from ray.util.state import list_actors
 
@@ -182,9 +190,13 @@ def bare(args) -> int:
 
     rows, seen = [], controllers()
     for i in range(args.runs):
-        for setting in BARE_SETTINGS:
-            got = ray.get([runner.remote(setting, str(out / "runs"), f"bare-{setting}-{i}-{j}", logs)
-                           for j in range(args.concurrent)])
+        for setting in settings:
+            calls = [(setting, str(out / "runs"), f"bare-{setting}-{i}-{j}", logs) for j in range(args.concurrent)]
+            if setting == "after":  # driven from threads, as launcher.run_all does
+                with ThreadPoolExecutor(len(calls)) as pool:
+                    got = list(pool.map(lambda c: bare_run(*c), calls))
+            else:
+                got = ray.get([runner.remote(*c) for c in calls])
             now = controllers()
             new = [pid for a, pid in now.items() if a not in seen]
             seen = now
@@ -197,7 +209,7 @@ def bare(args) -> int:
                                                                         if k != "setting"), flush=True)
     keys = [k for k in rows[0] if k != "setting"]
     summary = [{"setting": s, **{k: statistics.median(r[k] for r in rows if r["setting"] == s) for k in keys}}
-               for s in BARE_SETTINGS]
+               for s in settings]
     write_json(out / "ray_overhead_bare.json", {"runs": rows, "median": summary})
     text = (f"# Ray Train alone: a function that does nothing ({args.runs} rounds per setting, {args.concurrent} run(s) "
             f"at once, {os.cpu_count()} CPUs)\n\nMedian seconds after fit() was called.\n\n" + markdown(summary))
@@ -213,9 +225,15 @@ def main(argv=None) -> int:
                                                                "stage does; each then starts while the other trains)")
     ap.add_argument("--out", default=str(REPO / "results" / "ray_overhead"))
     ap.add_argument("--bare", action="store_true", help="time Ray Train alone, with a function that does nothing")
+    ap.add_argument("--settings", nargs="+", help=f"only these settings (default: {' '.join(SETTINGS)}; "
+                                                  f"with --bare: {' '.join(BARE_SETTINGS)})")
     args = ap.parse_args(argv)
+    allowed = BARE_SETTINGS if args.bare else SETTINGS
+    settings = tuple(args.settings or allowed)
+    if not set(settings) <= set(allowed):
+        ap.error(f"--settings: choose from {' '.join(allowed)}")
     if args.bare:
-        return bare(args)
+        return bare(args, settings)
 
     import ray
 
@@ -246,18 +264,23 @@ def main(argv=None) -> int:
     runner = ray.remote(num_cpus=0)(one_run)
     rows = []
     for i in range(args.runs):
-        for setting in SETTINGS:  # alternated: noise hits both alike
+        for setting in settings:  # alternated: noise hits all alike
             runs = [fold_run(exp, exp.backbones[0], 0, fold_positions(data.rows, folds, 0), payload,
                              Placement("neox", 0.1, 0, 0.0, 1.0), Device(False, "cpu"),
                              name=f"{setting}-{i}-{j}", storage=str(out / "runs")) for j in range(args.concurrent)]
-            for row in ray.get([runner.remote(run, setting) for run in runs]):
+            if setting == "after":
+                with ThreadPoolExecutor(len(runs)) as pool:
+                    got = list(pool.map(one_run, runs, [setting] * len(runs)))
+            else:
+                got = ray.get([runner.remote(run, setting) for run in runs])
+            for row in got:
                 rows.append(row)
                 print(f"{setting} round {i}: " + ", ".join(f"{k} {v:.1f} s" for k, v in row.items() if k != "setting"),
                       flush=True)
     phases = ["start", "imports", "train", "finish", "teardown", "wall", "in_function"]
     summary = [{"setting": s, **{p: statistics.median(r[p] for r in rows if r["setting"] == s) for p in phases},
                 "overhead (wall − in function)": statistics.median(r["wall"] - r["in_function"] for r in rows if r["setting"] == s)}
-               for s in SETTINGS]
+               for s in settings]
     write_json(out / "ray_overhead.json", {"runs": rows, "median": summary})
     text = (f"# Ray Train cost per run ({args.runs} rounds per setting, alternated, {args.concurrent} run(s) at once, "
             f"{os.cpu_count()} CPUs)\n\n"

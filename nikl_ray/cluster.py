@@ -22,6 +22,8 @@ from nikl_ray.runspec import Device
 log = logging.getLogger(__name__)
 
 ENV_IN_EVERY_PROCESS = "NIKL_RAY_ENV_IN_EVERY_PROCESS"
+# says that the Ray instance is one connect() started on this machine: a fixed size, no autoscaler
+FIXED_SIZE = "NIKL_RAY_FIXED_SIZE_INSTANCE"
 # What every process of ours and Ray's gets (the ray jobs' runtime_env.yaml carries the same).
 RAY_ENV = {
     "RAY_TRAIN_V2_ENABLED": "1",
@@ -84,6 +86,7 @@ def connect(local: bool = False, *, num_cpus: int | None = None, num_gpus: int |
         # placement-group cleaner, where one runs) would ask the wrong one. Point this instance's
         # workers at their own dashboard.
         _api_server = os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        os.environ[FIXED_SIZE] = "1"
         # The environment reaches every worker by inheritance (Ray's processes start from this one's),
         # not as the job's runtime env: a process for a job or actor with a runtime env starts only
         # once Ray's runtime-env agent has set it up, and with none a Train run's controller and
@@ -92,6 +95,7 @@ def connect(local: bool = False, *, num_cpus: int | None = None, num_gpus: int |
                  dashboard_port=port, log_to_driver=True, logging_level=logging.WARNING)
         log.info("Ray dashboard: %s", _api_server)
     else:
+        os.environ.pop(FIXED_SIZE, None)  # a cluster may have an autoscaler that Ray Train asks for nodes
         # inside `ray job submit`: combine with the job's runtime env (runtime_env.yaml sets some of the same vars)
         os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
         # and Ray Train's own settings a user set: Ray Train would hand them to its actors in runtime envs

@@ -139,8 +139,22 @@ def _trainer_classes() -> tuple[type, type]:
     import ray
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
     from ray.train.v2._internal.execution.controller import TrainController
+    from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
     from ray.train.v2._internal.execution.worker_group.worker_group import WorkerGroup
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    from nikl_ray.cluster import FIXED_SIZE
+
+    # Ray Train registers each run's resources with Ray Data's autoscaling coordinator, so that an
+    # autoscaler adds nodes for them: a detached actor (one more process, started by the first run
+    # on an instance, ≈4 s of that run's start on 2 cores) and a call to it as each run starts and
+    # ends. A Ray instance connect() started on this machine has no autoscaler to ask.
+    class FixedSizeScalingPolicy(FixedScalingPolicy):
+        def after_controller_start(self, train_run_context):
+            pass
+
+        def _maybe_send_resource_request(self):
+            pass
 
     class GuardedTrainer(DataParallelTrainer):
         def _create_default_callbacks(self):
@@ -149,6 +163,14 @@ def _trainer_classes() -> tuple[type, type]:
             if guard is None:
                 return callbacks
             return [guard if isinstance(c, PlacementGroupCleanerCallback) else c for c in callbacks]
+
+        def _initialize_and_run_controller(self, **controller_init_kwargs):
+            if os.environ.get(FIXED_SIZE) and type(controller_init_kwargs["scaling_policy"]) is FixedScalingPolicy:
+                controller_init_kwargs["scaling_policy"] = FixedSizeScalingPolicy(self.scaling_config)
+            return self._run_controller(**controller_init_kwargs)
+
+        def _run_controller(self, **controller_init_kwargs):
+            return super()._initialize_and_run_controller(**controller_init_kwargs)
 
     # Ray Train hands its environment variables to the controller and to each worker as a runtime
     # env of their own, and the process of an actor with a runtime env starts only once Ray's
@@ -166,7 +188,7 @@ def _trainer_classes() -> tuple[type, type]:
     controller_actor = ray.remote(num_cpus=0)(InheritingController)
 
     class InheritingTrainer(GuardedTrainer):
-        def _initialize_and_run_controller(self, **controller_init_kwargs):
+        def _run_controller(self, **controller_init_kwargs):
             # Ray's own method less the controller's runtime env: no CPU, on the driving task's node
             node = {ray._raylet.RAY_NODE_ID_KEY: ray.get_runtime_context().get_node_id()}
             controller = controller_actor.options(label_selector=node).remote(**controller_init_kwargs)
@@ -215,7 +237,7 @@ def make_trainer(run: FoldRun, callbacks: list | None = None):
 
 
 def fit_run(run: FoldRun, trainer=None) -> dict:
-    """Fit one run (as a Ray task); where its best and latest checkpoints are, its last metrics, wall time."""
+    """Fit one run; where its best and latest checkpoints are, its last metrics, wall time."""
     t0 = time.time()
     result = (trainer or make_trainer(run)).fit()
     scored = len(run.select_idx) > 0
@@ -231,23 +253,35 @@ def run_all(runs: list[FoldRun], slots_of, on_done, on_failed) -> None:
     `slots_of(run)`: how many runs like it the cluster holds at once. A run takes 1/slots of the
     cluster, and no more runs are submitted than fit together: a queued Train run's controller
     would start and wait for its share, slowing the running trials on small machines.
+
+    Each run's `fit()` is driven from a thread of this process (as Tune drives a trial's from its
+    actor's thread): a Ray task per run would be one more process per run, importing Ray Train
+    (1.3 s) and exporting the controller's class again, while the runs that started before it train.
+    The threads are daemons: an interrupted driver does not wait for them, and its exit ends the runs.
     """
-    import ray
+    import queue
 
     start_guardian()
-    launch = ray.remote(num_cpus=0)(fit_run)
-    todo, pending = list(runs), {}
-    while todo or pending:
-        taken = sum(1 / slots_of(r) for r in pending.values())
-        while todo and (not pending or taken + 1 / slots_of(todo[0]) <= 1 + 1e-9):
+    _trainer_classes()  # Ray Train imported here once, not by the first threads at the same time
+    ended: queue.Queue = queue.Queue()
+
+    def drive(run: FoldRun) -> None:
+        try:
+            ended.put((run, fit_run(run), None))
+        except Exception as e:  # noqa: BLE001 - one failed run must not lose the others' results
+            ended.put((run, None, e))
+
+    todo, running = list(runs), {}  # id -> run (a FoldRun's fields hold arrays: no == between runs)
+    while todo or running:
+        taken = sum(1 / slots_of(r) for r in running.values())
+        while todo and (not running or taken + 1 / slots_of(todo[0]) <= 1 + 1e-9):
             run = todo.pop(0)
             taken += 1 / slots_of(run)
-            pending[launch.options(name=f"fit {run.name}").remote(run)] = run
-        done, _ = ray.wait(list(pending), num_returns=1)
-        run = pending.pop(done[0])
-        try:
-            out = ray.get(done[0])
-        except Exception as e:  # one failed run must not lose the others' results
-            on_failed(run, e)
-            continue
-        on_done(run, out)
+            running[id(run)] = run
+            threading.Thread(target=drive, args=(run,), name=f"fit {run.name}", daemon=True).start()
+        run, out, error = ended.get()
+        del running[id(run)]
+        if error is not None:
+            on_failed(run, error)
+        else:
+            on_done(run, out)
