@@ -95,7 +95,7 @@ class Placement:
     """Resources for one trial. On GPU: gpu_share = 1/trials_per_card; on CPU: gpu_share = 0."""
 
     name: str
-    estimate_gb: float  # allocator peak
+    estimate_gb: float | None  # allocator peak (None: not estimated, a CPU trial)
     trials_per_card: int
     gpu_share: float
     cpus: float
@@ -109,12 +109,13 @@ class Placement:
         return {"CPU": self.cpus, "GPU": self.gpu_share} if self.gpu_share else {"CPU": self.cpus}
 
 
-def place(name: str, estimate_bytes: float, *, budget_gb: float | None, physical_gb: float | None = None, use_gpu: bool,
-          cpus: float = 1.0, max_trials_per_card: int = 8) -> Placement:
-    """k = how many trials fit one card's budget (context included), capped by max_trials_per_card."""
-    est_gb = estimate_bytes / GiB
+def place(name: str, estimate_bytes: float | None, *, budget_gb: float | None, physical_gb: float | None = None,
+          use_gpu: bool, cpus: float = 1.0, max_trials_per_card: int = 8) -> Placement:
+    """k = how many trials fit one card's budget (context included), capped by max_trials_per_card.
+    Without GPUs only CPUs are placed (no memory estimate needed: None)."""
     if not use_gpu:
-        return Placement(name, est_gb, 0, 0.0, cpus)
+        return Placement(name, None if estimate_bytes is None else estimate_bytes / GiB, 0, 0.0, cpus)
+    est_gb = estimate_bytes / GiB
     if budget_gb is None:
         raise PlacementError(f"backbone {name}: no card memory known: set resources.card_gb")
     per_trial = est_gb + CONTEXT_GB
@@ -207,7 +208,9 @@ def plan(specs: list, resources, shape: ClusterShape, device) -> dict[str, Place
     Refuses, before anything starts, a backbone that fits no card."""
     budget = shape.budget_gb(resources.card_gb)
     try:
-        return {s.name: place(s.name, estimate_for(s, device), budget_gb=budget, physical_gb=shape.physical_gb,
+        # on CPUs nothing needs the device-memory estimate (it builds each model's skeleton: seconds)
+        return {s.name: place(s.name, estimate_for(s, device) if device.schedule_gpu else None, budget_gb=budget,
+                              physical_gb=shape.physical_gb,
                               use_gpu=device.schedule_gpu, cpus=resources.cpus_per_trial,
                               max_trials_per_card=resources.max_trials_per_card) for s in specs}
     except PlacementError as e:

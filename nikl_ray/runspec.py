@@ -86,7 +86,7 @@ class FoldRun:
         return self.placement.memory_fraction if self.device == "cuda" else None
 
     @property
-    def estimate_gb(self) -> float:
+    def estimate_gb(self) -> float | None:
         return self.placement.estimate_gb
 
     @property

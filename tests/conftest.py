@@ -145,10 +145,10 @@ class RayCluster:
             s.bind(("127.0.0.1", 0))
             return s.getsockname()[1]
 
-    def run(self, *cmd, timeout=600):
+    def run(self, *cmd, timeout=600, env: dict | None = None):
         import subprocess
 
-        return subprocess.run(list(cmd), env=self.env, capture_output=True, text=True, timeout=timeout,
+        return subprocess.run(list(cmd), env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=timeout,
                               cwd=Path(__file__).resolve().parents[1])
 
     def ray(self, *args, timeout=600):

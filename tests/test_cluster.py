@@ -2,7 +2,6 @@
 packs trials onto them as it would onto real cards, and what fits no card is refused up front."""
 
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -12,7 +11,6 @@ import yaml
 from conftest import DEMO_DIR, RayCluster
 
 pytestmark = pytest.mark.slow
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _config(tmp_path, tiny_backbones, *extra) -> Path:
@@ -30,8 +28,8 @@ def _config(tmp_path, tiny_backbones, *extra) -> Path:
 
 
 def _train(cluster, config):
-    return subprocess.run([sys.executable, "-m", "nikl_ray.cli", "train", "--config", str(config)], capture_output=True,
-                          text=True, timeout=600, cwd=REPO, env={**cluster.env, "RAY_ADDRESS": cluster.address})
+    return cluster.run(sys.executable, "-m", "nikl_ray.cli", "train", "--config", str(config),
+                       env={"RAY_ADDRESS": cluster.address})
 
 
 def test_trials_pack_k_per_simulated_card_and_what_fits_no_card_is_refused(tmp_path, tiny_backbones):

@@ -64,3 +64,34 @@ def test_the_dashboard_lists_every_fold_run_by_its_name(trained):
             name = exp.layout.run_name(spec.name, fold)
             assert runs[name]["status"] == "FINISHED", (name, runs.get(name))
             assert runs[name]["attempts"][-1]["workers"], runs[name]
+
+
+def test_failed_runs_are_each_reported_with_their_own_error_and_the_others_are_not_lost(trained, tmp_path):
+    """`launcher.run_all` drives each run from a thread of the stage: a run that fails in its Ray Train
+    worker (its checkpoint folder is gone), one that fails before Ray Train starts (its storage is a
+    file) and one that trains each reach their own callback, and run_all returns."""
+    import dataclasses
+
+    from nikl_ray.folds import fold_positions
+    from nikl_ray.launcher import run_all
+    from nikl_ray.placement import Placement
+    from nikl_ray.runspec import Device, RowsPayload, fold_run
+
+    exp, data, _ = trained
+    positions = fold_positions(data.rows, data.folds(exp), 0)
+    payload, spec = RowsPayload.of(data.rows), exp.backbone("neox-lora")
+    (tmp_path / "a-file").write_text("")
+
+    def run(name, spec=spec, storage=tmp_path / "runs"):
+        made = fold_run(exp, spec, 0, positions, payload, Placement(name, None, 0, 0.0, 1.0), Device(False, "cpu"),
+                        name=name, storage=str(storage), predict_heldout=False)
+        return dataclasses.replace(made, max_failures=0)
+
+    gone = spec.model_copy(update={"checkpoint": str(tmp_path / "no-such-checkpoint"), "epochs": 1})
+    runs = [run("no-checkpoint", spec=gone), run("storage-is-a-file", storage=tmp_path / "a-file"),
+            run("trains", spec=spec.model_copy(update={"epochs": 1}))]
+    done, failed = {}, {}
+    run_all(runs, lambda r: 2, lambda r, out: done.__setitem__(r.name, out), lambda r, e: failed.__setitem__(r.name, str(e)))
+    assert set(failed) == {"no-checkpoint", "storage-is-a-file"} and set(done) == {"trains"}, (failed, done)
+    assert "no-such-checkpoint" in failed["no-checkpoint"] and "a-file" in failed["storage-is-a-file"], failed
+    assert (tmp_path / "runs" / "trains" / "final.json").exists() and done["trains"]["best_checkpoint"]
