@@ -147,7 +147,7 @@ def _trainer_classes() -> tuple[type, type]:
 
     # Ray Train registers each run's resources with Ray Data's autoscaling coordinator, so that an
     # autoscaler adds nodes for them: a detached actor (one more process, started by the first run
-    # on an instance, ≈4 s of that run's start on 2 cores) and a call to it as each run starts and
+    # on an instance: ≈1.2 s of that run's start on 2 cores) and a call to it as each run starts and
     # ends. A Ray instance connect() started on this machine has no autoscaler to ask.
     class FixedSizeScalingPolicy(FixedScalingPolicy):
         def after_controller_start(self, train_run_context):
@@ -189,7 +189,7 @@ def _trainer_classes() -> tuple[type, type]:
 
     class InheritingTrainer(GuardedTrainer):
         def _run_controller(self, **controller_init_kwargs):
-            # Ray's own method less the controller's runtime env: no CPU, on the driving task's node
+            # Ray's own method less the controller's runtime env: no CPU, on the driving process's node
             node = {ray._raylet.RAY_NODE_ID_KEY: ray.get_runtime_context().get_node_id()}
             controller = controller_actor.options(label_selector=node).remote(**controller_init_kwargs)
             if threading.current_thread() is threading.main_thread():
@@ -255,8 +255,9 @@ def run_all(runs: list[FoldRun], slots_of, on_done, on_failed) -> None:
     would start and wait for its share, slowing the running trials on small machines.
 
     Each run's `fit()` is driven from a thread of this process (as Tune drives a trial's from its
-    actor's thread): a Ray task per run would be one more process per run, importing Ray Train
-    (1.3 s) and exporting the controller's class again, while the runs that started before it train.
+    actor's thread): a Ray task per run needs a process of its own (a new one, importing Ray Train,
+    when no idle one is left), and each exports the controller's class again, while the runs that
+    started before it train (benchmarks/ray_overhead.py, `tasks` against `after`).
     The threads are daemons: an interrupted driver does not wait for them, and its exit ends the runs.
     """
     import queue
