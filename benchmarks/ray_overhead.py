@@ -127,6 +127,17 @@ def one_run(run, setting: str) -> dict:
             "teardown": t_end - clock["fn_end"], "wall": t_end - t0, "in_function": clock["fn_end"] - clock["fn_start"]}
 
 
+def drive(setting: str, fn, runner, calls: list[tuple]) -> list:
+    """`fn(*call)` for every call, driven as the setting's launcher drives its runs: from threads of
+    this process for `after` (as `launcher.run_all` does), else each by a Ray task of its own (`runner`)."""
+    import ray
+
+    if setting == "after":
+        with ThreadPoolExecutor(len(calls)) as pool:
+            return list(pool.map(lambda call: fn(*call), calls))
+    return ray.get([runner.remote(*call) for call in calls])
+
+
 def bare_function(config: dict) -> None:
     import psutil
 
@@ -192,11 +203,7 @@ def bare(args, settings: tuple[str, ...]) -> int:
     for i in range(args.runs):
         for setting in settings:
             calls = [(setting, str(out / "runs"), f"bare-{setting}-{i}-{j}", logs) for j in range(args.concurrent)]
-            if setting == "after":  # driven from threads, as launcher.run_all does
-                with ThreadPoolExecutor(len(calls)) as pool:
-                    got = list(pool.map(lambda c: bare_run(*c), calls))
-            else:
-                got = ray.get([runner.remote(*c) for c in calls])
+            got = drive(setting, bare_run, runner, calls)
             now = controllers()
             new = [pid for a, pid in now.items() if a not in seen]
             seen = now
@@ -268,12 +275,7 @@ def main(argv=None) -> int:
             runs = [fold_run(exp, exp.backbones[0], 0, fold_positions(data.rows, folds, 0), payload,
                              Placement("neox", 0.1, 0, 0.0, 1.0), Device(False, "cpu"),
                              name=f"{setting}-{i}-{j}", storage=str(out / "runs")) for j in range(args.concurrent)]
-            if setting == "after":
-                with ThreadPoolExecutor(len(runs)) as pool:
-                    got = list(pool.map(one_run, runs, [setting] * len(runs)))
-            else:
-                got = ray.get([runner.remote(run, setting) for run in runs])
-            for row in got:
+            for row in drive(setting, one_run, runner, [(run, setting) for run in runs]):
                 rows.append(row)
                 print(f"{setting} round {i}: " + ", ".join(f"{k} {v:.1f} s" for k, v in row.items() if k != "setting"),
                       flush=True)
