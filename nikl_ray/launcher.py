@@ -147,8 +147,8 @@ def _trainer_classes() -> tuple[type, type]:
 
     # Ray Train registers each run's resources with Ray Data's autoscaling coordinator, so that an
     # autoscaler adds nodes for them: a detached actor (one more process, started by the first run
-    # on an instance: ≈1.2 s of that run's start on 2 cores) and a call to it as each run starts and
-    # ends. A Ray instance connect() started on this machine has no autoscaler to ask.
+    # on an instance) and a blocking call to it as each run starts and ends. A Ray instance
+    # connect() started on this machine has no autoscaler to ask.
     class FixedSizeScalingPolicy(FixedScalingPolicy):
         def after_controller_start(self, train_run_context):
             pass
@@ -257,7 +257,8 @@ def run_all(runs: list[FoldRun], slots_of, on_done, on_failed) -> None:
     Each run's `fit()` is driven from a thread of this process (as Tune drives a trial's from its
     actor's thread): a Ray task per run needs a process of its own (a new one, importing Ray Train,
     when no idle one is left), and each exports the controller's class again, while the runs that
-    started before it train (benchmarks/ray_overhead.py, `tasks` against `after`).
+    started before it train (benchmarks/ray_overhead.py: `tasks` against `after`, which also drops
+    the autoscaling requests).
     The threads are daemons: an interrupted driver does not wait for them, and its exit ends the runs.
     """
     import queue
