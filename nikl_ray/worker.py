@@ -14,6 +14,7 @@ import gc
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -248,7 +249,6 @@ def train_fold(config: dict) -> None:
                 print(f"{run.name} epoch {round(state.epoch or 0)}/{args.num_train_epochs:g}: train loss {loss:.4f}{where}",
                       flush=True)
 
-    out_dir = tempfile.mkdtemp(prefix="nikl-ray-hf-")
     select = select_ds is not None
 
     def build_trainer(spec: BackboneSpec, model):
@@ -292,7 +292,11 @@ def train_fold(config: dict) -> None:
 
     model = load()
     clock["model_loaded"] = time.time()
-    trainer = run_with_oom_retry(spec, run.fold, run.estimate_gb, model, fit, load)
+    out_dir = tempfile.mkdtemp(prefix="nikl-ray-hf-")  # HF Trainer's output_dir
+    try:
+        trainer = run_with_oom_retry(spec, run.fold, run.estimate_gb, model, fit, load)
+    finally:  # HF's own epoch checkpoints: Ray copied each into the run's storage as it was written
+        shutil.rmtree(out_dir, ignore_errors=True)
     clock["trained"] = time.time()
     speed = next((h for h in reversed(trainer.state.log_history) if "train_runtime" in h), {})
     final = {"train_steps_per_second": speed.get("train_steps_per_second"),

@@ -1,6 +1,7 @@
 """Real Ray Train runs of tiny backbones on the demo data (a local 2-CPU Ray instance)."""
 
 import csv
+from pathlib import Path
 
 import pytest
 
@@ -69,8 +70,10 @@ def test_the_dashboard_lists_every_fold_run_by_its_name(trained):
 def test_failed_runs_are_each_reported_with_their_own_error_and_the_others_are_not_lost(trained, tmp_path):
     """`launcher.run_all` drives each run from a thread of the stage: a run that fails in its Ray Train
     worker (its checkpoint folder is gone), one that fails before Ray Train starts (its storage is a
-    file) and one that trains each reach their own callback, and run_all returns."""
+    file) and one that trains each reach their own callback, and run_all returns. None leaves HF
+    Trainer's own output folder behind."""
     import dataclasses
+    import tempfile
 
     from nikl_ray.folds import fold_positions
     from nikl_ray.launcher import run_all
@@ -90,8 +93,10 @@ def test_failed_runs_are_each_reported_with_their_own_error_and_the_others_are_n
     gone = spec.model_copy(update={"checkpoint": str(tmp_path / "no-such-checkpoint"), "epochs": 1})
     runs = [run("no-checkpoint", spec=gone), run("storage-is-a-file", storage=tmp_path / "a-file"),
             run("trains", spec=spec.model_copy(update={"epochs": 1}))]
-    done, failed = {}, {}
+    hf_dirs = lambda: set(Path(tempfile.gettempdir()).glob("nikl-ray-hf-*"))  # noqa: E731
+    before, done, failed = hf_dirs(), {}, {}
     run_all(runs, lambda r: 2, lambda r, out: done.__setitem__(r.name, out), lambda r, e: failed.__setitem__(r.name, str(e)))
     assert set(failed) == {"no-checkpoint", "storage-is-a-file"} and set(done) == {"trains"}, (failed, done)
     assert "no-such-checkpoint" in failed["no-checkpoint"] and "a-file" in failed["storage-is-a-file"], failed
     assert (tmp_path / "runs" / "trains" / "final.json").exists() and done["trains"]["best_checkpoint"]
+    assert hf_dirs() <= before
