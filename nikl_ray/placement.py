@@ -112,9 +112,9 @@ class Placement:
 def place(name: str, estimate_bytes: float | None, *, budget_gb: float | None, physical_gb: float | None = None,
           use_gpu: bool, cpus: float = 1.0, max_trials_per_card: int = 8) -> Placement:
     """k = how many trials fit one card's budget (context included), capped by max_trials_per_card.
-    Without GPUs only CPUs are placed (no memory estimate needed: None)."""
+    Without GPUs only CPUs are placed: a CPU trial carries no memory estimate (callers may pass None)."""
     if not use_gpu:
-        return Placement(name, None if estimate_bytes is None else estimate_bytes / GiB, 0, 0.0, cpus)
+        return Placement(name, None, 0, 0.0, cpus)
     est_gb = estimate_bytes / GiB
     if budget_gb is None:
         raise PlacementError(f"backbone {name}: no card memory known: set resources.card_gb")

@@ -14,7 +14,6 @@ import gc
 import json
 import logging
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -292,11 +291,9 @@ def train_fold(config: dict) -> None:
 
     model = load()
     clock["model_loaded"] = time.time()
-    out_dir = tempfile.mkdtemp(prefix="nikl-ray-hf-")  # HF Trainer's output_dir
-    try:
+    # HF Trainer's output_dir, gone once training ends: Ray copied each epoch's checkpoint into the run's storage
+    with tempfile.TemporaryDirectory(prefix="nikl-ray-hf-", ignore_cleanup_errors=True) as out_dir:
         trainer = run_with_oom_retry(spec, run.fold, run.estimate_gb, model, fit, load)
-    finally:  # HF's own epoch checkpoints: Ray copied each into the run's storage as it was written
-        shutil.rmtree(out_dir, ignore_errors=True)
     clock["trained"] = time.time()
     speed = next((h for h in reversed(trainer.state.log_history) if "train_runtime" in h), {})
     final = {"train_steps_per_second": speed.get("train_steps_per_second"),

@@ -18,7 +18,7 @@ def test_prompt_tuning_trains_its_virtual_tokens_and_head_only_and_its_fold_mode
     from nikl_ray.folds import fold_positions
     from nikl_ray.launcher import fit_run
     from nikl_ray.members import embed
-    from nikl_ray.placement import estimate_for, place
+    from nikl_ray.placement import place
     from nikl_ray.runspec import Device, RowsPayload, fold_run
     from nikl_ray.worker import read_history
 
@@ -32,7 +32,7 @@ def test_prompt_tuning_trains_its_virtual_tokens_and_head_only_and_its_fold_mode
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all("prompt_encoder" in n or "score" in n for n in trainable), trainable
     device = Device(False, "cpu")
-    placement = place("prompt", estimate_for(spec, device), budget_gb=None, use_gpu=False)
+    placement = place("prompt", None, budget_gb=None, use_gpu=False)
     run = fold_run(exp, spec, 0, fold_positions(data.rows, data.folds(exp), 0), RowsPayload.of(data.rows), placement,
                    device, name="prompt-fold0", storage=str(tmp_path / "runs"))
     out = ray.get(ray.remote(num_cpus=0)(fit_run).remote(run))

@@ -58,7 +58,7 @@ def test_shares_are_always_one_over_k_and_cpu_plans_use_cpus():
         p = place("x", gb * GiB, budget_gb=24, use_gpu=True)
         assert abs(1 / p.gpu_share - round(1 / p.gpu_share)) < 1e-9
     cpu = place("x", 3 * GiB, budget_gb=None, use_gpu=False, cpus=1)
-    assert cpu.resources() == {"CPU": 1}
+    assert cpu.resources() == {"CPU": 1} and cpu.estimate_gb is None  # nothing on a CPU reads it
     assert "2 at once" in format_plan([cpu], budget_gb=None, physical_gb=None, total_cpus=2, total_gpus=0)
 
 
