@@ -59,12 +59,13 @@ def build(name: str, texts: list[str], out: Path) -> str:
 
 
 class Sampler(threading.Thread):
-    """nvidia-smi every half second: memory per process (MiB) and GPU busy %."""
+    """nvidia-smi every half second: memory per process and on the whole card (MiB), GPU busy %."""
 
     def __init__(self):
         super().__init__(daemon=True)
         self.memory: dict[int, float] = {}
         self.busy: list[float] = []
+        self.card_peak = 0.0  # MiB used on the card, all processes
         self.stop = threading.Event()
 
     def run(self):
@@ -74,10 +75,12 @@ class Sampler(threading.Thread):
             for line in apps.strip().splitlines():
                 pid, mib = (x.strip() for x in line.split(","))
                 self.memory[int(pid)] = max(self.memory.get(int(pid), 0.0), float(mib))
-            util = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits"],
+            card = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu,memory.used", "--format=csv,noheader,nounits"],
                                   capture_output=True, text=True).stdout.strip().splitlines()
-            if util:
-                self.busy.append(float(util[0]))
+            if card:  # the card's total too: in a container NVML may report pids of another namespace
+                busy, used = (float(x) for x in card[0].split(","))
+                self.busy.append(busy)
+                self.card_peak = max(self.card_peak, used)
             time.sleep(0.5)
 
 
@@ -135,7 +138,6 @@ def main(argv=None) -> int:
         train_fold({"run": trials(name, int(k), args)[0][int(i)]})
         return 0
 
-    from nikl_ray.artifacts import write_json, write_text
     from nikl_ray.tables import markdown
 
     out = Path(args.out)
@@ -179,6 +181,7 @@ def main(argv=None) -> int:
                 "model": name, "mode": "plain processes" if args.no_ray else "Ray Train", "k": k,
                 "estimate per trial (GB)": estimate, "allocator cap (GB)": cap,
                 "NVML peak per process (GB)": max(nvml) if nvml else None,
+                "NVML card peak, all trials (GB)": sampler.card_peak / 1024 if sampler else None,
                 "torch peak allocated (GB)": max((f["peak_gpu_gb"] or 0 for f in finals), default=None),
                 "OOMs / failures": len(errors),
                 "steps/s per trial": statistics.mean(f["train_steps_per_second"] for f in finals) if finals else None,
@@ -186,12 +189,20 @@ def main(argv=None) -> int:
                 "GPU busy %": statistics.mean(sampler.busy) if sampler and sampler.busy else None,
                 "wall (s)": wall, "errors": "; ".join(errors)[:300]})
             print(markdown([table[-1]]), flush=True)
+            text = write_table(table, out, args)  # after every row: a run cut short keeps what it measured
+    print(text)
+    return 0
+
+
+def write_table(table: list[dict], out: Path, args) -> str:
+    from nikl_ray.artifacts import write_json, write_text
+    from nikl_ray.tables import markdown
+
     write_json(out / f"gpu_packing{'_plain' if args.no_ray else ''}.json", table)
     text = (f"# Trials per card, measured ({'plain processes' if args.no_ray else 'Ray Train'}, budget {args.budget_gb:g} GB, "
             f"{args.steps} steps per trial)\n\n" + markdown(table))
     write_text(out / f"gpu_packing{'_plain' if args.no_ray else ''}.md", text)
-    print(text)
-    return 0
+    return text
 
 
 if __name__ == "__main__":
