@@ -5,7 +5,7 @@
     python benchmarks/ray_overhead.py --bare           # Ray Train's own floor: runs whose function does nothing
 
 Each run is the project's own FoldRun (a tiny GPT-NeoX in LoRA, 1 epoch on 120 demo rows), fitted
-by `launcher.fit_run` under five settings, alternated so that machine noise hits all alike:
+by `launcher.fit_run` under six settings, alternated so that machine noise hits all alike:
 
 - `before`: how runs were launched until this change: TorchTrainer (a torch process group even
   for one worker, so HF wraps the model in DDP), Ray Train's defaults (its controller polls every
@@ -19,16 +19,19 @@ by `launcher.fit_run` under five settings, alternated so that machine noise hits
 - `tasks`: as `guardian`, with no runtime env of their own (every process has the project's
   environment already); each run driven by a Ray task of its own, and Ray Train registering each
   run with Ray Data's autoscaling coordinator;
-- `after`: today's launcher: as `tasks`, with each run driven from a thread of the stage's process
-  (`launcher.run_all`) and no autoscaling requests on the instance connect() started.
+- `datasets`: as `tasks`, with each run driven from a thread of the stage's process
+  (`launcher.run_all`) and no autoscaling requests on the instance connect() started;
+- `after`: today's launcher: as `datasets`, without Ray Train's DatasetsCallback, which starts a
+  DatasetManager actor (a process importing Ray Data) per run whether the run has Ray Datasets or not
+  (ours have none).
 
 Per run it itemises: `start` (fit() called → training function running: controller and worker
 actors, placement group, worker group set-up), `imports` (function start → model loaded),
 `train` (model loaded → last epoch evaluated), `finish` (→ function returned: checkpoint,
 held-out prediction) and `teardown` (→ fit() returned). Writes ray_overhead.json / .md.
 
-`--bare` times Ray Train alone (`cleaner`, `guardian`, `tasks` and `after`; the training function does
-nothing): seconds from fit() to the controller's process up (its first core-worker log line; one
+`--bare` times Ray Train alone (all settings but `before`; the training function does nothing):
+seconds from fit() to the controller's process up (its first core-worker log line; one
 run at a time only), the worker's process created and up, the function running, and fit() returned.
 Writes ray_overhead_bare.json / .md.
 """
@@ -50,8 +53,9 @@ sys.path.insert(0, str(REPO))
 
 # Ray Train's defaults, which the project's RAY_ENV (cluster.py) changes
 BEFORE_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2.0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}
-SETTINGS = ("before", "cleaner", "guardian", "tasks", "after")
-BARE_SETTINGS = ("cleaner", "guardian", "tasks", "after")
+SETTINGS = ("before", "cleaner", "guardian", "tasks", "datasets", "after")
+BARE_SETTINGS = ("cleaner", "guardian", "tasks", "datasets", "after")
+IN_THREADS = ("datasets", "after")  # driven as launcher.run_all drives its runs
 
 
 def train_fold_before(config: dict) -> None:
@@ -83,16 +87,33 @@ def cleaner_trainer(run):
                                scaling_config=scaling_config(run), run_config=run_config(run))
 
 
+def with_dataset_manager(*args, **kwargs):
+    """The launcher's trainer with Ray Train's DatasetsCallback kept (the `datasets` setting)."""
+    from nikl_ray.launcher import _trainer_classes
+
+    return type("WithDatasetManager", (_trainer_classes()[1],), {"keep_datasets_callback": True})(*args, **kwargs)
+
+
+def datasets_trainer(run):
+    from ray.train import BackendConfig
+
+    from nikl_ray.launcher import run_config, scaling_config
+    from nikl_ray.worker import train_fold
+
+    return with_dataset_manager(train_fold, train_loop_config={"run": run}, backend_config=BackendConfig(),
+                                scaling_config=scaling_config(run), run_config=run_config(run))
+
+
 @contextlib.contextmanager
 def setting_env(setting: str):
     """The driving task's environment for a setting: Ray Train's defaults for `before`; for `guardian`,
     without connect()'s word that every process has the environment (the launcher then gives Train's
-    actors Ray's runtime envs); for all but `after`, without its word that the instance has a fixed
+    actors Ray's runtime envs); for all but IN_THREADS, without its word that the instance has a fixed
     size (the launcher then lets Ray Train send its autoscaling requests)."""
     from nikl_ray.cluster import ENV_IN_EVERY_PROCESS, FIXED_SIZE
 
     change = {"before": BEFORE_ENV, "guardian": {ENV_IN_EVERY_PROCESS: None}, "after": {}}.get(setting, {})
-    if setting != "after":
+    if setting not in IN_THREADS:
         change = {**change, FIXED_SIZE: None}
     saved = {k: os.environ.get(k) for k in change}
     set_env(change)
@@ -111,14 +132,15 @@ def set_env(env: dict) -> None:
 
 
 def one_run(run, setting: str) -> dict:
-    """The driver of one Train run: in a thread of this process for `after` (as `launcher.run_all`
+    """The driver of one Train run: in a thread of this process for IN_THREADS (as `launcher.run_all`
     drives the train stage's runs), in a Ray task of its own for the other settings."""
     from nikl_ray.launcher import fit_run
     from nikl_ray.worker import FINAL
 
     t0 = time.time()
     with setting_env(setting):
-        fit_run(run, {"before": before_trainer, "cleaner": cleaner_trainer}.get(setting, lambda run: None)(run))
+        fit_run(run, {"before": before_trainer, "cleaner": cleaner_trainer,
+                      "datasets": datasets_trainer}.get(setting, lambda run: None)(run))
     t_end = time.time()
     final = json.loads((Path(run.storage) / run.name / FINAL).read_text())
     clock = final["clock"]
@@ -129,10 +151,10 @@ def one_run(run, setting: str) -> dict:
 
 def drive(setting: str, fn, runner, calls: list[tuple]) -> list:
     """`fn(*call)` for every call, driven as the setting's launcher drives its runs: from threads of
-    this process for `after` (as `launcher.run_all` does), else each by a Ray task of its own (`runner`)."""
+    this process for IN_THREADS (as `launcher.run_all` does), else each by a Ray task of its own (`runner`)."""
     import ray
 
-    if setting == "after":
+    if setting in IN_THREADS:
         with ThreadPoolExecutor(len(calls)) as pool:
             return list(pool.map(lambda call: fn(*call), calls))
     return ray.get([runner.remote(*call) for call in calls])
@@ -165,7 +187,7 @@ def bare_run(setting: str, storage: str, name: str, logs: str) -> dict:
     from nikl_ray.launcher import guarded_trainer
 
     out = Path(storage) / f"{name}.json"
-    make = DataParallelTrainer if setting == "cleaner" else guarded_trainer
+    make = {"cleaner": DataParallelTrainer, "datasets": with_dataset_manager}.get(setting, guarded_trainer)
     with setting_env(setting):
         trainer = make(bare_function, train_loop_config={"out": str(out)}, backend_config=BackendConfig(),
                        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),
@@ -266,7 +288,7 @@ def main(argv=None) -> int:
     folds = split.run(exp, data.rows)
     exp = prepare(exp)
     connect(local=True, num_cpus=2)
-    start_guardian()  # as the train stage does: `guardian` and `after` runs hand their placement groups to it
+    start_guardian()  # as the train stage does: `guardian`, `datasets` and `after` runs hand their placement groups to it
     payload = ray.put(RowsPayload.of(data.rows))
     runner = ray.remote(num_cpus=0)(one_run)
     rows = []

@@ -137,6 +137,7 @@ def _trainer_classes() -> tuple[type, type]:
     """(GuardedTrainer, InheritingTrainer), built once per process: Ray Train is imported only when a
     run is made, and the controller's actor class is exported to the cluster once, not per run."""
     import ray
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
     from ray.train.v2._internal.execution.controller import TrainController
     from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
@@ -157,8 +158,14 @@ def _trainer_classes() -> tuple[type, type]:
             pass
 
     class GuardedTrainer(DataParallelTrainer):
+        # Ray Train starts a DatasetManager actor (a process of its own, importing Ray Data) per run to
+        # hand out Ray Dataset shards, whether the run has any or not; ours pass none.
+        keep_datasets_callback = False
+
         def _create_default_callbacks(self):
             callbacks = super()._create_default_callbacks()
+            if not self.datasets and not self.keep_datasets_callback:
+                callbacks = [c for c in callbacks if not isinstance(c, DatasetsCallback)]
             guard = _guardian_callback()
             if guard is None:
                 return callbacks

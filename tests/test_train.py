@@ -54,9 +54,14 @@ def test_a_second_call_skips_finished_pairs(trained):
 
 def test_the_dashboard_lists_every_fold_run_by_its_name(trained):
     """The dashboard's Train page (its Train API, asked with the cluster's token) knows every
-    fold × backbone run as `<backbone>-fold<k>`, finished."""
+    fold × backbone run as `<backbone>-fold<k>`, finished; no run started Ray Train's Ray Data
+    actor (a DatasetManager process per run, for Ray Datasets the runs do not have)."""
+    from ray.util.state import list_actors
+
     from nikl_ray.cluster import api_server
     from nikl_ray.status import train_runs
+
+    assert not list_actors(address=api_server(), filters=[("class_name", "=", "DatasetManager")])
 
     exp = trained[0]
     runs = {r["name"]: r for r in train_runs(api_server())}
