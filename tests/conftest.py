@@ -51,6 +51,31 @@ def ray_local():
     ray.shutdown()
 
 
+@pytest.fixture
+def cli(capsys):
+    """`nikl-ray ARGS…` run in this process, as its console script runs it (what `main` returns is
+    the exit code), without a new interpreter importing torch and transformers again for each
+    call: (exit code, stdout, stderr). The CLI's log handler goes when the call returns."""
+    import logging
+
+    from nikl_ray.cli import main
+
+    logger = logging.getLogger("nikl_ray")
+
+    def run(*args) -> tuple[int, str, str]:
+        saved = logger.handlers[:], logger.level
+        capsys.readouterr()
+        try:
+            code = main([str(a) for a in args])
+        finally:
+            logger.handlers[:] = saved[0]
+            logger.setLevel(saved[1])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
+
+
 def setup_run(raw: dict, base=".") -> tuple:
     """(experiment ready for the stages, its inputs): parsed, split, tiny backbones built, tuned values applied."""
     from nikl_ray.config import parse_experiment, prepare

@@ -1,5 +1,3 @@
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -75,19 +73,17 @@ def test_slots_are_per_backbone_and_submission_follows_the_roomiest():
     assert concurrent_slots([cpu], cpus=5, gpus=0) == 2
 
 
-def test_the_shipped_24gb_plan_prints_caps_and_the_context_and_packs_the_search_corner(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "nikl_ray.cli", "plan", "--config", str(EXAMPLE), "--gpus", "1",
-                          "--results", str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert f"{CONTEXT_GB:g} GB CUDA context reserved per process" in out.stdout
-    lines = {line.split("~")[0].strip(): line for line in out.stdout.splitlines() if "→" in line}
+def test_the_shipped_24gb_plan_prints_caps_and_the_context_and_packs_the_search_corner(tmp_path, cli):
+    code, out, err = cli("plan", "--config", EXAMPLE, "--gpus", "1", "--results", tmp_path)
+    assert code == 0, err
+    assert f"{CONTEXT_GB:g} GB CUDA context reserved per process" in out
+    lines = {line.split("~")[0].strip(): line for line in out.splitlines() if "→" in line}
     search = lines["polyglot-ko-1.3b (search)"]  # lora_r up to the space's 128
-    assert int(search.split("→")[1].split("trial")[0]) >= 3 and "allocator cap" in search and "context" in search, out.stdout
+    assert int(search.split("→")[1].split("trial")[0]) >= 3 and "allocator cap" in search and "context" in search, out
     assert set(lines) == {"klue-roberta-base", "polyglot-ko-1.3b", "polyglot-ko-1.3b (search)"}
 
 
-def test_plan_on_a_cpu_machine_describes_cpu_mode(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "nikl_ray.cli", "plan", "--config", str(EXAMPLE), "--cpus", "4",
-                          "--results", str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert "CPU mode: 4 CPUs, no GPU" in out.stdout and "GPU share" not in out.stdout
+def test_plan_on_a_cpu_machine_describes_cpu_mode(tmp_path, cli):
+    code, out, err = cli("plan", "--config", EXAMPLE, "--cpus", "4", "--results", tmp_path)
+    assert code == 0, err
+    assert "CPU mode: 4 CPUs, no GPU" in out and "GPU share" not in out

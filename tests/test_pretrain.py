@@ -33,11 +33,11 @@ def test_the_corpus_reads_jsonl_tsv_and_lines_normalised_deduplicated_and_leaves
     assert len(held) == 10 and not set(train) & set(held) and split_heldout([f"문장 {i}" for i in range(500)], 0.02, 0)[1] == held
 
 
-def _config(tmp_path) -> dict:
+def _config(tmp_path, checkpoint: str) -> dict:
     corpus = [str(DEMO_DIR / "train.jsonl"), str(DEMO_DIR / "test.jsonl")]  # the task's test file: left out
     return {"task": "nikl-emotion", "train": str(DEMO_DIR / "train.jsonl"), "test": str(DEMO_DIR / "test.jsonl"),
             "results": str(tmp_path / "res"), "folds": {"k": 2, "seed": 0}, "classical": False,
-            "backbones": [{"name": "neox", "checkpoint": "tiny:gpt_neox", "mode": "lora", "epochs": 1,
+            "backbones": [{"name": "neox", "checkpoint": checkpoint, "mode": "lora", "epochs": 1,
                            "pretrain": {"corpus": corpus, "steps": 80, "batch_size": 16, "max_length": 40,
                                         "save_every_steps": 20}}]}
 
@@ -50,7 +50,8 @@ def _registered(run_dir) -> bool:
 
 
 @pytest.mark.slow
-def test_pretraining_runs_two_workers_resumes_after_a_kill_and_the_folds_start_from_it(tmp_path, ray_local):
+def test_pretraining_runs_two_workers_resumes_after_a_kill_and_the_folds_start_from_it(tmp_path, ray_local,
+                                                                                        tiny_backbones):
     import numpy as np
     from transformers import AutoModel
 
@@ -58,7 +59,7 @@ def test_pretraining_runs_two_workers_resumes_after_a_kill_and_the_folds_start_f
     from nikl_ray.config import build_tiny, parse_experiment, prepare
     from nikl_ray.stages import pretrain
 
-    raw = _config(tmp_path)
+    raw = _config(tmp_path, str(tiny_backbones["gpt_neox"]))  # the session's random init: built once
     config = tmp_path / "exp.yaml"
     config.write_text(yaml.safe_dump(raw))
     run_dir = tmp_path / "res" / "pretrain" / "neox" / "neox-pretrain"

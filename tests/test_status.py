@@ -2,8 +2,6 @@
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import yaml
@@ -11,12 +9,7 @@ import yaml
 pytestmark = pytest.mark.slow
 
 
-def _status(config, *args):
-    return subprocess.run([sys.executable, "-m", "nikl_ray.cli", "status", "--config", str(config), *args],
-                          capture_output=True, text=True, timeout=120)
-
-
-def test_status_says_which_stages_are_done_and_which_run_was_cut_off(stacked, tmp_path):
+def test_status_says_which_stages_are_done_and_which_run_was_cut_off(stacked, tmp_path, cli):
     exp = stacked[0]
     results = tmp_path / "res"
     shutil.copytree(exp.results, results)
@@ -28,18 +21,18 @@ def test_status_says_which_stages_are_done_and_which_run_was_cut_off(stacked, tm
     config = tmp_path / "exp.yaml"
     config.write_text(yaml.safe_dump(raw))
 
-    out = _status(config, "--json")
-    assert out.returncode == 0, out.stderr
-    status = json.loads(out.stdout)
+    code, out, err = cli("status", "--config", config, "--json")
+    assert code == 0, err
+    status = json.loads(out)
     assert status["stages"] == {"split": "done", "tune": "not configured", "train": "cut off", "features": "done",
                                 "ensemble": "pending"}
     assert status["runs"]["neox-qlora-fold1"]["state"] == "cut off" and status["runs"]["neox-qlora-fold1"]["epochs"] >= 1
     assert all(r["state"] == "done" for n, r in status["runs"].items() if n != "neox-qlora-fold1")
     assert status["runs"]["enc-full-fold0"]["degenerate"] and not status["failed"]
 
-    text = _status(config).stdout
+    text = cli("status", "--config", config)[1]
     assert "train cut off" in text and "ensemble pending" in text and "| neox-qlora-fold1 | cut off |" in text
 
     (results / "train" / "neox-qlora-fold1" / "failed.json").write_text(json.dumps({"error": "CUDA out of memory"}))
-    failed = _status(config)
-    assert failed.returncode == 1 and "FAILED: neox-qlora-fold1" in failed.stdout and "CUDA out of memory" in failed.stdout
+    code, out, _ = cli("status", "--config", config)
+    assert code == 1 and "FAILED: neox-qlora-fold1" in out and "CUDA out of memory" in out
