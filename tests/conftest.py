@@ -55,7 +55,7 @@ def ray_local():
 def cli(capsys):
     """`nikl-ray ARGS…` run in this process, as its console script runs it (what `main` returns is
     the exit code), without a new interpreter importing torch and transformers again for each
-    call: (exit code, stdout, stderr). The CLI's log handler goes when the call returns."""
+    call: (exit code, stdout, stderr). The logger's set-up is put back when the call returns."""
     import logging
 
     from nikl_ray.cli import main
@@ -63,13 +63,14 @@ def cli(capsys):
     logger = logging.getLogger("nikl_ray")
 
     def run(*args) -> tuple[int, str, str]:
-        saved = logger.handlers[:], logger.level
+        # the CLI gives the package's logger a handler of its own and stops propagation (caplog's way in)
+        handlers, level, propagate = logger.handlers[:], logger.level, logger.propagate
         capsys.readouterr()
         try:
             code = main([str(a) for a in args])
         finally:
-            logger.handlers[:] = saved[0]
-            logger.setLevel(saved[1])
+            logger.handlers[:], logger.propagate = handlers, propagate
+            logger.setLevel(level)
         out = capsys.readouterr()
         return code, out.out, out.err
 
