@@ -11,7 +11,6 @@ whose predictions are constant, or no better than always predicting the majority
 from __future__ import annotations
 
 import dataclasses
-
 import gc
 import json
 import logging
@@ -253,7 +252,7 @@ def train_fold(config: dict) -> None:
     select = select_ds is not None
 
     # transformers renamed gradient_checkpointing (the old name warns in 5.2x; 5.17 knows only it)
-    CHECKPOINTING_ARG = ("activation_checkpointing" if "activation_checkpointing"  # noqa: N806
+    checkpointing_arg = ("activation_checkpointing" if "activation_checkpointing"
                          in {f.name for f in dataclasses.fields(TrainingArguments)} else "gradient_checkpointing")
 
     def build_trainer(spec: BackboneSpec, model):
@@ -265,7 +264,7 @@ def train_fold(config: dict) -> None:
             load_best_model_at_end=select, metric_for_best_model="score" if select else None, greater_is_better=True,
             save_total_limit=2, seed=spec.seed, data_seed=spec.seed, report_to="none", disable_tqdm=True,
             dataloader_num_workers=0, use_cpu=not on_cuda, fp16=on_cuda and run.precision == "fp16",
-            bf16=on_cuda and run.precision == "bf16", **{CHECKPOINTING_ARG: run.gradient_checkpointing})
+            bf16=on_cuda and run.precision == "bf16", **{checkpointing_arg: run.gradient_checkpointing})
         callbacks = [ResourceLog(), Progress()] + ([RayTrainReportCallback()] if ray_train else [])
         if select:
             callbacks.insert(0, EarlyStoppingCallback(spec.early_stopping_patience))
