@@ -170,8 +170,9 @@ def main(argv=None) -> int:
                     try:
                         ray.get(ref)
                     except Exception as e:  # noqa: BLE001 - an out-of-memory is a result here
-                        lines = [line for line in str(e).splitlines() if line.strip()]  # the cause, not Ray's task header
-                        errors.append(next((line for line in lines if "ran out of memory" in line), lines[-1] if lines else repr(e))[:200])
+                        # the cause (the worker's out-of-memory message, else the last line), not Ray's task header
+                        lines = [line for line in str(e).splitlines() if line.strip()] or [repr(e)]
+                        errors.append(next((line for line in lines if "ran out of memory" in line), lines[-1])[:200])
             wall = time.time() - t0
             if sampler:
                 sampler.stop.set()

@@ -76,32 +76,29 @@ def before_trainer(run):
                         run_config=run_config(run))
 
 
-def cleaner_trainer(run):
+def with_dataset_manager() -> type:
+    """The launcher's trainer class with Ray Train's DatasetsCallback kept (the `datasets` setting).
+    Built per call: a cached function in `__main__` would not reach the Ray tasks that drive runs."""
+    from nikl_ray.launcher import _trainer_classes
+
+    return type("WithDatasetManager", (_trainer_classes()[1],), {"keep_datasets_callback": True})
+
+
+def setting_trainer(setting: str, run):
+    """The trainer a setting fits `run` with, or None for the launcher's own (`launcher.make_trainer`)."""
+    if setting == "before":
+        return before_trainer(run)
+    if setting not in ("cleaner", "datasets"):
+        return None
     from ray.train import BackendConfig
     from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
     from nikl_ray.launcher import run_config, scaling_config
     from nikl_ray.worker import train_fold
 
-    return DataParallelTrainer(train_fold, train_loop_config={"run": run}, backend_config=BackendConfig(),
-                               scaling_config=scaling_config(run), run_config=run_config(run))
-
-
-def with_dataset_manager(*args, **kwargs):
-    """The launcher's trainer with Ray Train's DatasetsCallback kept (the `datasets` setting)."""
-    from nikl_ray.launcher import _trainer_classes
-
-    return type("WithDatasetManager", (_trainer_classes()[1],), {"keep_datasets_callback": True})(*args, **kwargs)
-
-
-def datasets_trainer(run):
-    from ray.train import BackendConfig
-
-    from nikl_ray.launcher import run_config, scaling_config
-    from nikl_ray.worker import train_fold
-
-    return with_dataset_manager(train_fold, train_loop_config={"run": run}, backend_config=BackendConfig(),
-                                scaling_config=scaling_config(run), run_config=run_config(run))
+    cls = DataParallelTrainer if setting == "cleaner" else with_dataset_manager()
+    return cls(train_fold, train_loop_config={"run": run}, backend_config=BackendConfig(),
+               scaling_config=scaling_config(run), run_config=run_config(run))
 
 
 @contextlib.contextmanager
@@ -139,8 +136,7 @@ def one_run(run, setting: str) -> dict:
 
     t0 = time.time()
     with setting_env(setting):
-        fit_run(run, {"before": before_trainer, "cleaner": cleaner_trainer,
-                      "datasets": datasets_trainer}.get(setting, lambda run: None)(run))
+        fit_run(run, setting_trainer(setting, run))
     t_end = time.time()
     final = json.loads((Path(run.storage) / run.name / FINAL).read_text())
     clock = final["clock"]
@@ -187,7 +183,7 @@ def bare_run(setting: str, storage: str, name: str, logs: str) -> dict:
     from nikl_ray.launcher import guarded_trainer
 
     out = Path(storage) / f"{name}.json"
-    make = {"cleaner": DataParallelTrainer, "datasets": with_dataset_manager}.get(setting, guarded_trainer)
+    make = {"cleaner": DataParallelTrainer, "datasets": with_dataset_manager()}.get(setting, guarded_trainer)
     with setting_env(setting):
         trainer = make(bare_function, train_loop_config={"out": str(out)}, backend_config=BackendConfig(),
                        scaling_config=ScalingConfig(num_workers=1, resources_per_worker={"CPU": 1}),

@@ -159,7 +159,8 @@ def _trainer_classes() -> tuple[type, type]:
 
     class GuardedTrainer(DataParallelTrainer):
         # Ray Train starts a DatasetManager actor (a process of its own, importing Ray Data) per run to
-        # hand out Ray Dataset shards, whether the run has any or not; ours pass none.
+        # hand out Ray Dataset shards, whether the run has any or not; ours pass none
+        # (benchmarks/ray_overhead.py keeps it to measure what it cost)
         keep_datasets_callback = False
 
         def _create_default_callbacks(self):
