@@ -14,7 +14,7 @@ API (the dashboard) every second whether the controller lives: one more process 
 ≈6 s of each run's start and teardown on 2 cores with two runs starting together
 (`benchmarks/ray_overhead.py`). A stage starts one `PlacementGroupGuardian` instead: it watches
 every run's controller through the controller's own actor handle (no dashboard needed) and removes
-the placement group of one that died. Runs started where no guardian is (a script calling
+the placement groups of one that died. Runs started where no guardian is (a script calling
 `fit_run`) keep Ray's cleaner.
 """
 
@@ -38,17 +38,26 @@ _guardian = None  # the driver's handle: the guardian lives as long as the drive
 
 
 class PlacementGroupGuardian:
-    """One actor per driver: removes the placement group of every Train run whose controller died
-    without removing it (what Ray Train's per-run `PlacementGroupCleaner` does, for all runs at once)."""
+    """One actor per driver: removes the placement groups of every Train run whose controller died
+    without removing them (what Ray Train's per-run `PlacementGroupCleaner` does, for all runs at once).
 
-    def __init__(self, check_interval_s: float = 1.0):
-        self._runs: dict = {}  # controller actor id -> (controller handle, its worker group's placement group)
+    It removes every placement group the controller *created*, as the cluster's placement-group table
+    records it, not only the one it was told of: a controller killed with its owner (Tune stopping a
+    trial) is an async actor that drains its in-flight run loop before its process exits, and that
+    loop, seeing its worker gone, can start a new worker group with a new placement group after Ray
+    already reports the controller dead (seen in CI: created 70 ms after the first was removed). So a
+    dead controller's groups are swept again each round for `sweep_s`."""
+
+    def __init__(self, check_interval_s: float = 1.0, sweep_s: float = 30.0):
+        self._runs: dict = {}  # controller actor id -> its handle
+        self._dead: dict[str, float] = {}  # controller actor id -> until when its placement groups are swept
         self._lock = threading.Lock()
+        self._sweep_s = sweep_s
         threading.Thread(target=self._watch, args=(check_interval_s,), daemon=True, name="guardian").start()
 
-    def watch(self, controller_id: str, controller, placement_group) -> None:
-        with self._lock:  # a restarted worker group brings a new placement group
-            self._runs[controller_id] = (controller, placement_group)
+    def watch(self, controller_id: str, controller) -> None:
+        with self._lock:
+            self._runs[controller_id] = controller
 
     def release(self, controller_id: str) -> None:
         with self._lock:
@@ -63,16 +72,18 @@ class PlacementGroupGuardian:
             time.sleep(interval)
             for controller_id in self.watching():
                 self._check(controller_id)
+            now = time.time()
+            self._dead = {c: until for c, until in self._dead.items() if until > now}
+            if self._dead:
+                self._sweep(set(self._dead))
 
     def _check(self, controller_id: str) -> None:
         import ray
-        from ray.util.placement_group import remove_placement_group
 
         with self._lock:
-            run = self._runs.get(controller_id)
-        if run is None:
+            controller = self._runs.get(controller_id)
+        if controller is None:
             return
-        controller, placement_group = run
         try:
             ray.get(controller.__ray_ready__.remote(), timeout=10)
             return
@@ -83,11 +94,28 @@ class PlacementGroupGuardian:
         with self._lock:
             if self._runs.pop(controller_id, None) is None:  # released meanwhile: the run ended by itself
                 return
-        log.warning("a Train controller died without cleaning up: removing its placement group %s", placement_group.id.hex())
+        log.warning("a Train controller died without cleaning up: removing its placement groups")
+        self._dead[controller_id] = time.time() + self._sweep_s
+
+    def _sweep(self, controller_ids: set[str]) -> None:
+        """Remove the live placement groups that these controllers created."""
+        import ray
+        from ray._private.state import state
+        from ray.core.generated.gcs_pb2 import PlacementGroupTableData
+        from ray.util.placement_group import PlacementGroup, remove_placement_group
+
         try:
-            remove_placement_group(placement_group)
-        except Exception as e:  # noqa: BLE001 - removed already, or the cluster is going away
-            log.warning("could not remove placement group %s: %s", placement_group.id.hex(), e)
+            table = [PlacementGroupTableData.FromString(raw) for raw in state._connect_and_get_accessor().get_placement_group_table()]
+        except Exception as e:  # noqa: BLE001 - the cluster is going away; the next round asks again
+            log.debug("could not read the placement-group table: %s", e)
+            return
+        for group in table:
+            if group.creator_actor_id.hex() in controller_ids and group.state != PlacementGroupTableData.REMOVED:
+                log.warning("removing placement group %s of a dead Train controller", group.placement_group_id.hex())
+                try:
+                    remove_placement_group(PlacementGroup(ray.PlacementGroupID(group.placement_group_id)))
+                except Exception as e:  # noqa: BLE001 - removed already, or the cluster is going away
+                    log.warning("could not remove placement group %s: %s", group.placement_group_id.hex(), e)
 
 
 def start_guardian():
@@ -105,23 +133,21 @@ def start_guardian():
 def _guardian_callback():
     """Ray Train's callback that hands a run's placement group to the guardian, or None without one."""
     import ray
-    from ray.train.v2._internal.execution.callback import ControllerCallback, WorkerGroupCallback
+    from ray.train.v2._internal.execution.callback import ControllerCallback
 
     try:
         guardian = ray.get_actor(GUARDIAN)
     except ValueError:
         return None
 
-    class GuardianCallback(ControllerCallback, WorkerGroupCallback):
+    class GuardianCallback(ControllerCallback):
         def __init__(self):
             self._controller = None
 
         def after_controller_start(self, train_run_context):
-            self._controller = ray.get_runtime_context().get_actor_id()
-
-        def after_worker_group_start(self, worker_group):
-            pg = worker_group.get_worker_group_state().placement_group_handle.placement_group
-            ray.get(guardian.watch.remote(self._controller, ray.get_runtime_context().current_actor, pg))
+            context = ray.get_runtime_context()
+            self._controller = context.get_actor_id()
+            ray.get(guardian.watch.remote(self._controller, context.current_actor))
 
         async def before_controller_shutdown(self):
             await guardian.release.remote(self._controller)

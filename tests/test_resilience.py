@@ -242,9 +242,10 @@ def test_a_run_whose_driving_task_dies_gives_its_share_of_the_cluster_back(train
     total = ray.cluster_resources()["CPU"]
     pending = ray.remote(num_cpus=0)(fit_run).remote(run)
     deadline = time.time() + 120
-    while time.time() < deadline and not ray.get(guardian.watching.remote()):
+    while time.time() < deadline and not list_actors(address=api_server(), filters=[("class_name", "=", "RayTrainWorker"),
+                                                                                     ("state", "=", "ALIVE")]):
         time.sleep(0.2)
-    assert ray.get(guardian.watching.remote()), "the run's placement group never reached the guardian"
+    assert ray.get(guardian.watching.remote()), "the run's controller never reached the guardian"
     cleaners = list_actors(address=api_server(), filters=[("class_name", "=", "PlacementGroupCleaner"), ("state", "=", "ALIVE")])
     assert not cleaners, cleaners  # no process of its own per run
     # its controller and worker have no runtime env of their own (their processes start without
@@ -265,3 +266,37 @@ def test_a_run_whose_driving_task_dies_gives_its_share_of_the_cluster_back(train
         time.sleep(0.5)
     assert ray.available_resources().get("CPU", 0) == total, ray.available_resources()
     assert not ray.get(guardian.watching.remote())
+
+
+def test_the_guardian_removes_every_placement_group_a_dead_controller_created(ray_local):
+    """A controller killed with its owner can start a new worker group while its process drains,
+    after Ray reports it dead (a leak seen in CI): the guardian removes every placement group the
+    controller created, including those it was never told of."""
+    import ray
+    from ray.util import placement_group_table
+    from ray.util.placement_group import placement_group
+
+    from nikl_ray.launcher import start_guardian
+
+    @ray.remote(num_cpus=0)
+    class Controller:
+        def __init__(self):
+            self.groups = []
+
+        def start_worker_group(self):
+            self.groups.append(placement_group([{"CPU": 0.25}]))
+            ray.get(self.groups[-1].ready())
+            return self.groups[-1].id.hex()
+
+    guardian = start_guardian()
+    controller = Controller.remote()
+    first = ray.get(controller.start_worker_group.remote())
+    controller_id = controller._actor_id.hex()
+    ray.get(guardian.watch.remote(controller_id, controller))
+    second = ray.get(controller.start_worker_group.remote())  # made after the guardian was told of the run
+    ray.kill(controller)
+    deadline = time.time() + 30
+    while time.time() < deadline and any(placement_group_table()[g]["state"] != "REMOVED" for g in (first, second)):
+        time.sleep(0.2)
+    assert all(placement_group_table()[g]["state"] == "REMOVED" for g in (first, second)), placement_group_table()
+    assert controller_id not in ray.get(guardian.watching.remote())
