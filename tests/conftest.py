@@ -151,6 +151,26 @@ def single_label_run(tmp_path_factory, tiny_backbones, ray_local):
     return raw, run_pipeline(parse_experiment(raw, tmp))
 
 
+class Started:
+    """A command running in the background; `wait()` gives its CompletedProcess (output in files, not
+    pipes, so a chatty command never blocks on a pipe nobody reads yet)."""
+
+    def __init__(self, cmd: list[str], env: dict):
+        import subprocess
+        import tempfile
+
+        self._out, self._err = tempfile.TemporaryFile("w+"), tempfile.TemporaryFile("w+")
+        self._proc = subprocess.Popen(cmd, env=env, stdout=self._out, stderr=self._err, text=True,
+                                      cwd=Path(__file__).resolve().parents[1])
+
+    def wait(self, timeout: float = 600):
+        import subprocess
+
+        self._proc.wait(timeout=timeout)
+        self._out.seek(0), self._err.seek(0)
+        return subprocess.CompletedProcess(self._proc.args, self._proc.returncode, self._out.read(), self._err.read())
+
+
 class RayCluster:
     """A Ray cluster of the test's own, from `ray start` (the head, and worker nodes on this machine):
     its own ports and temp dir; stopped by finding its processes, never with `ray stop` (which ends
@@ -172,10 +192,12 @@ class RayCluster:
             return s.getsockname()[1]
 
     def run(self, *cmd, timeout=600, env: dict | None = None):
-        import subprocess
+        return self.start(*cmd, env=env).wait(timeout)
 
-        return subprocess.run(list(cmd), env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=timeout,
-                              cwd=Path(__file__).resolve().parents[1])
+    def start(self, *cmd, env: dict | None = None) -> "Started":
+        """A command with the cluster's environment, started and not waited for: a driver spends its
+        first seconds importing on one core, and this machine has two."""
+        return Started(list(cmd), {**self.env, **(env or {})})
 
     def ray(self, *args, timeout=600):
         import sys

@@ -13,12 +13,12 @@ from conftest import DEMO_DIR, RayCluster
 pytestmark = pytest.mark.slow
 
 
-def _config(tmp_path, tiny_backbones, *extra) -> Path:
+def _config(tmp_path, tiny_backbones, results: str, *extra) -> Path:
     # Per trial, A ≈ its tiny estimate + 1.25 GB of CUDA context → 2 per 2.7 GB card (share 0.5); B
     # is planned as a 50M-parameter model in full fine-tuning → 1 per card (share 1).
     neox = {"checkpoint": str(tiny_backbones["gpt_neox"]), "mode": "lora", "epochs": 1, "lr": 5e-3, "batch_size": 16,
             "max_length": 40}
-    cfg = {"task": "nikl-emotion", "train": str(DEMO_DIR / "train.jsonl"), "results": str(tmp_path / "res"),
+    cfg = {"task": "nikl-emotion", "train": str(DEMO_DIR / "train.jsonl"), "results": str(tmp_path / results),
            "folds": {"k": 2, "seed": 0}, "classical": False,
            "resources": {"card_gb": 2.7, "cpus_per_trial": 0.5},
            "backbones": [{"name": "a", **neox}, {"name": "b", **neox, "mode": "full", "params": 5e7}, *extra]}
@@ -27,9 +27,8 @@ def _config(tmp_path, tiny_backbones, *extra) -> Path:
     return path
 
 
-def _train(cluster, config):
-    return cluster.run(sys.executable, "-m", "nikl_ray.cli", "train", "--config", str(config),
-                       env={"RAY_ADDRESS": cluster.address})
+def _train(config) -> list[str]:
+    return [sys.executable, "-m", "nikl_ray.cli", "train", "--config", str(config)]
 
 
 def test_trials_pack_k_per_simulated_card_and_what_fits_no_card_is_refused(tmp_path, tiny_backbones):
@@ -37,13 +36,16 @@ def test_trials_pack_k_per_simulated_card_and_what_fits_no_card_is_refused(tmp_p
     cluster.start_head(cpus=2, gpus=2)
     try:
         huge = {"name": "huge", "checkpoint": str(tiny_backbones["gpt_neox"]), "mode": "full", "params": 3e8}
-        refused = _train(cluster, _config(tmp_path, tiny_backbones, huge))
+        # two drivers at once, each with a results root of its own
+        env = {"RAY_ADDRESS": cluster.address}
+        refusing, training = (cluster.start(*_train(_config(tmp_path, tiny_backbones, "refused", huge)), env=env),
+                              cluster.start(*_train(_config(tmp_path, tiny_backbones, "res")), env=env))
+        refused, out = refusing.wait(), training.wait()
         assert refused.returncode == 2, refused.stderr[-3000:]
         assert "backbone huge" in refused.stderr and "does not fit a 2.7 GB card budget" in refused.stderr
         assert "cards found: 2 × no CUDA device (memory unknown)" in refused.stderr
-        assert not (tmp_path / "res" / "train").exists()  # refused before anything started
+        assert not (tmp_path / "refused" / "train").exists()  # refused before anything started
 
-        out = _train(cluster, _config(tmp_path, tiny_backbones))
         assert out.returncode == 0, out.stderr[-3000:]
         assert "a " in out.stderr and "2 trial(s) per card (GPU share 0.500" in out.stderr, out.stderr[-3000:]
         assert "1 trial(s) per card (GPU share 1.000" in out.stderr
