@@ -45,7 +45,7 @@ class PlacementGroupGuardian:
     records it, not only the one it was told of: a controller killed with its owner (Tune stopping a
     trial) is an async actor that drains its in-flight run loop before its process exits, and that
     loop, seeing its worker gone, can start a new worker group with a new placement group after Ray
-    already reports the controller dead (seen in CI: created 70 ms after the first was removed). So a
+    already reports the controller dead (seen in CI: created 49 ms after the first was removed). So a
     dead controller's groups are swept again each round for `sweep_s`."""
 
     def __init__(self, check_interval_s: float = 1.0, sweep_s: float = 30.0):
@@ -131,7 +131,7 @@ def start_guardian():
 
 
 def _guardian_callback():
-    """Ray Train's callback that hands a run's placement group to the guardian, or None without one."""
+    """Ray Train's callback that hands a run's controller to the guardian as it starts, or None without one."""
     import ray
     from ray.train.v2._internal.execution.callback import ControllerCallback
 
