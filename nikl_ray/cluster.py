@@ -80,29 +80,19 @@ def connect(local: bool = False, *, num_cpus: int | None = None, num_gpus: int |
     for k, v in RAY_ENV.items():
         os.environ.setdefault(k, v)
     if local:
+        port = _dashboard_port()
+        # Inside workers Ray's state API finds "the" cluster through /tmp/ray/ray_current_cluster, i.e.
+        # the instance started last on this machine; with several, Train's state tracking (and its
+        # placement-group cleaner, where one runs) would ask the wrong one. Point this instance's
+        # workers at their own dashboard.
+        _api_server = os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
         os.environ[FIXED_SIZE] = "1"
-        for attempt in range(3):
-            # a port found free can be taken before the dashboard binds it (another local instance
-            # starting at the same moment): then again on another
-            port = _dashboard_port(8265 if attempt == 0 else 0)
-            # Inside workers Ray's state API finds "the" cluster through /tmp/ray/ray_current_cluster, i.e.
-            # the instance started last on this machine; with several, Train's state tracking (and its
-            # placement-group cleaner, where one runs) would ask the wrong one. Point this instance's
-            # workers at their own dashboard.
-            _api_server = os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-            # The environment reaches every worker by inheritance (Ray's processes start from this one's),
-            # not as the job's runtime env: a process for a job or actor with a runtime env starts only
-            # once Ray's runtime-env agent has set it up, and with none a Train run's controller and
-            # worker start sooner (benchmarks/ray_overhead.py).
-            try:
-                ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True,
-                         dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=True, logging_level=logging.WARNING)
-                break
-            except Exception as e:
-                if "address already in use" not in str(e) or attempt == 2:
-                    raise
-                log.info("the dashboard's port %d was taken as Ray started: starting again on another", port)
-                ray.shutdown()
+        # The environment reaches every worker by inheritance (Ray's processes start from this one's),
+        # not as the job's runtime env: a process for a job or actor with a runtime env starts only
+        # once Ray's runtime-env agent has set it up, and with none a Train run's controller and
+        # worker start sooner (benchmarks/ray_overhead.py).
+        ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=port, log_to_driver=True, logging_level=logging.WARNING)
         log.info("Ray dashboard: %s", _api_server)
     else:
         os.environ.pop(FIXED_SIZE, None)  # a cluster may have an autoscaler that Ray Train asks for nodes
