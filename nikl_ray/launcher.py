@@ -94,7 +94,6 @@ class PlacementGroupGuardian:
         with self._lock:
             if self._runs.pop(controller_id, None) is None:  # released meanwhile: the run ended by itself
                 return
-        log.warning("a Train controller died without cleaning up: removing its placement groups")
         self._dead[controller_id] = time.time() + self._sweep_s
 
     def _sweep(self, controller_ids: set[str]) -> None:
@@ -111,7 +110,8 @@ class PlacementGroupGuardian:
             return
         for group in table:
             if group.creator_actor_id.hex() in controller_ids and group.state != PlacementGroupTableData.REMOVED:
-                log.warning("removing placement group %s of a dead Train controller", group.placement_group_id.hex())
+                log.warning("a Train controller died without cleaning up: removing its placement group %s",
+                            group.placement_group_id.hex())
                 try:
                     remove_placement_group(PlacementGroup(ray.PlacementGroupID(group.placement_group_id)))
                 except Exception as e:  # noqa: BLE001 - removed already, or the cluster is going away

@@ -166,9 +166,14 @@ class Started:
     def wait(self, timeout: float = 600):
         import subprocess
 
-        self._proc.wait(timeout=timeout)
-        self._out.seek(0), self._err.seek(0)
-        return subprocess.CompletedProcess(self._proc.args, self._proc.returncode, self._out.read(), self._err.read())
+        try:
+            self._proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:  # as subprocess.run does: no command outlives its test
+            self._proc.kill()
+            raise
+        with self._out, self._err:
+            self._out.seek(0), self._err.seek(0)
+            return subprocess.CompletedProcess(self._proc.args, self._proc.returncode, self._out.read(), self._err.read())
 
 
 class RayCluster:

@@ -283,6 +283,9 @@ def test_the_guardian_removes_every_placement_group_a_dead_controller_created(ra
         def __init__(self):
             self.groups = []
 
+        def actor_id(self):
+            return ray.get_runtime_context().get_actor_id()
+
         def start_worker_group(self):
             self.groups.append(placement_group([{"CPU": 0.25}]))
             ray.get(self.groups[-1].ready())
@@ -291,7 +294,7 @@ def test_the_guardian_removes_every_placement_group_a_dead_controller_created(ra
     guardian = start_guardian()
     controller = Controller.remote()
     first = ray.get(controller.start_worker_group.remote())
-    controller_id = controller._actor_id.hex()
+    controller_id = ray.get(controller.actor_id.remote())
     ray.get(guardian.watch.remote(controller_id, controller))
     second = ray.get(controller.start_worker_group.remote())  # made after the guardian was told of the run
     ray.kill(controller)
