@@ -5,7 +5,7 @@
       tiny_backbones/   tiny random-init checkpoints built for `tiny:<kind>` backbones
       pretrain/<backbone>/        its pretraining run, `model/` (the checkpoint later stages use), report
       tune/<backbone>/  the Tune search, optuna.db, leaderboard, best_config.yaml, manifest
-      train/<backbone>-fold<k>/   one Ray Train run: checkpoints, manifest (Ray's run name)
+      train/<backbone>-fold<k>/   one Ray Train run: checkpoints, manifest (Ray's run name), features/ it made
       train/summary.{csv,md}
       features/<member>/fold<k>/  out-of-fold and test features of one fold model, manifest
       ensemble/         heads, report, decision.json, submission, submissions/<candidate>.*
@@ -64,6 +64,10 @@ class Layout:
 
     def pair(self, backbone: str, fold: int) -> Path:
         return self.train / self.run_name(backbone, fold)
+
+    def run_features(self, backbone: str, fold: int) -> Path:
+        """The features a fold's final run wrote from its model (the features stage takes them)."""
+        return self.pair(backbone, fold) / "features"
 
     @property
     def train_summary(self) -> Path:

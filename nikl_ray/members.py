@@ -88,6 +88,31 @@ def embed(spec: BackboneSpec, tokenizer, model, rows: TextRows, multi_label: boo
     return np.stack(hidden_out), np.stack(prob_out)
 
 
+def save_features(d: Path, parts: dict) -> list[Path]:
+    """One fold model's features in `d`: per part (`oof`, `test`) its row ids (JSON) and its `probs`
+    and `hidden` arrays (`.npy`; the classical member has no hidden states). Returns the files."""
+    from nikl_ray.artifacts import save_npy, write_json
+
+    files = []
+    for part, arrays in parts.items():
+        files.append(write_json(d / f"{part}_ids.json", arrays["ids"]))
+        for key in ("hidden", "probs"):
+            if arrays.get(key) is not None:
+                files.append(save_npy(d / f"{part}_{key}.npy", arrays[key]))
+    return files
+
+
+def read_features(d: Path) -> dict:
+    """What save_features wrote (raises OSError or ValueError when a file is missing or cut short)."""
+    out = {}
+    for part in ("oof", "test"):
+        hidden = d / f"{part}_hidden.npy"
+        out[part] = {"ids": json.loads((d / f"{part}_ids.json").read_text()),
+                     "probs": np.load(d / f"{part}_probs.npy", allow_pickle=False),
+                     "hidden": np.load(hidden, allow_pickle=False) if hidden.exists() else None}
+    return out
+
+
 # ---------------------------------------------------------------------------- classical member
 def classical_text(rows: TextRows) -> list[str]:
     return [f"{t} | {g}" if g else t for t, g in zip(rows.texts, rows.targets)]

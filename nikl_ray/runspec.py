@@ -19,6 +19,7 @@ from nikl_ray.placement import Placement
 from nikl_ray.tasks import TaskSpec
 
 HF_CHECKPOINT = "checkpoint"  # the HF checkpoint folder inside a Ray checkpoint (RayTrainReportCallback)
+MADE = "made.json"  # beside a run's own features: the step of the weights that made them, and the test rows' hash
 SELECT_METRIC = "eval_score"  # a run's score on its selection slice (decision.selection_score), as Ray and Tune see it
 
 
@@ -29,10 +30,14 @@ class RowsPayload:
     ids: list[str]
     inputs: TextRows
     labels: np.ndarray
+    test_ids: list[str] = field(default_factory=list)  # the unlabelled rows fold models answer for
+    test: TextRows | None = None
 
     @classmethod
-    def of(cls, rows: Rows) -> "RowsPayload":
-        return cls(rows.ids, rows.inputs(), rows.labels)
+    def of(cls, rows: Rows, test: Rows | None = None) -> "RowsPayload":
+        if test is None:
+            return cls(rows.ids, rows.inputs(), rows.labels)
+        return cls(rows.ids, rows.inputs(), rows.labels, test.ids, test.inputs())
 
 
 @dataclass(frozen=True)
@@ -63,6 +68,16 @@ class Device:
 
 
 @dataclass(frozen=True)
+class FeatureOrder:
+    """The features a final run writes from its model while it is loaded (the features stage takes
+    them instead of loading the fold model again): its held-out rows and the test rows at `test_idx`."""
+
+    dir: str
+    test_idx: np.ndarray
+    test_hash: str | None
+
+
+@dataclass(frozen=True)
 class FoldRun:
     backbone: BackboneSpec
     task: TaskSpec
@@ -79,6 +94,7 @@ class FoldRun:
     placement: Placement
     max_failures: int
     predict_heldout: bool = True  # score the held-out fold once at the end (not in tune trials)
+    features: FeatureOrder | None = None
     tags: dict = field(default_factory=dict)
 
     @property
@@ -95,17 +111,22 @@ class FoldRun:
 
 
 def fold_run(exp, spec: BackboneSpec, fold: int, positions: tuple, data, placement: Placement, device: Device, *,
-             name: str, storage: str, predict_heldout: bool = True) -> FoldRun:
+             name: str, storage: str, predict_heldout: bool = True, features: FeatureOrder | None = None) -> FoldRun:
     """The run of `spec` on `fold`; `positions` = (train, selection, held-out) row positions."""
     train, select, held = positions
     return FoldRun(spec, exp.task, fold, name, storage, data, train, select, held, device.device, device.precision(spec),
-                   device.gradient_checkpointing(spec), placement, exp.resources.max_failures, predict_heldout)
+                   device.gradient_checkpointing(spec), placement, exp.resources.max_failures, predict_heldout, features)
 
 
 def held_out_hash(folds: dict, fold: int) -> str:
     """What a fold model depends on besides its spec and data: which ids it held out and selected on."""
     text = "\n".join(folds["folds"][fold]) + "\n#select\n" + "\n".join(folds["select"][fold])
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def answering_folds(test: Rows, k: int) -> np.ndarray:
+    """The fold model that answers for each test row."""
+    return assign(test.inputs().keys(), k, "fold")
 
 
 def assign(keys: list[str], k: int, salt: str) -> np.ndarray:

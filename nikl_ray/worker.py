@@ -3,7 +3,9 @@
 It trains on the fold's training rows, evaluates the fold's *selection slice* after every epoch
 (micro-F1 or accuracy, per-label F1, loss), keeps the best epoch there (early stopping), and
 reports metrics and checkpoints to Ray through Ray's own `RayTrainReportCallback`. The held-out
-fold is predicted once at the end, for the train table only: it never chooses anything. A model
+fold is predicted once at the end, for the train table only: it never chooses anything. A final
+run also writes, from that pass and one over its assigned test rows, the features the features
+stage would otherwise load the fold model again to compute (runspec.FeatureOrder). A model
 whose predictions are constant, or no better than always predicting the majority, is flagged
 `degenerate` (judged on the selection slice).
 """
@@ -22,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from nikl_ray.backbones import BackboneSpec
-from nikl_ray.runspec import HF_CHECKPOINT, SELECT_METRIC, FoldRun
+from nikl_ray.runspec import HF_CHECKPOINT, MADE, SELECT_METRIC, FoldRun
 
 FINAL = "final.json"  # what a run says after training: held-out scores, degeneracy, time in the function
 
@@ -185,6 +187,7 @@ def train_fold(config: dict) -> None:
 
     from nikl_ray.backbones import load_for_classification, load_tokenizer, quiet_transformers
     from nikl_ray.encode import to_dataset
+    from nikl_ray.members import embed
     from nikl_ray.decision import selection_score
     from nikl_ray.metrics import scores, to_probs
 
@@ -305,7 +308,17 @@ def train_fold(config: dict) -> None:
              "train_samples_per_second": speed.get("train_samples_per_second"),
              "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1024**3 if on_cuda else None}
     if run.predict_heldout:
-        final.update(heldout_report(trainer, make, data, run))
+        # one pass over the held-out rows serves the table and, in a final run, the features stage
+        trainer.optimizer = trainer.lr_scheduler = None  # their state is not needed any more
+        if on_cuda:
+            torch.cuda.empty_cache()
+        model = trainer.model.eval()
+        held = embed(spec, tokenizer, model, data.inputs.take(run.heldout_idx), task.multi_label)
+        final.update(heldout_report(held[1], data, run))
+        # a resumed run's HF state may name a best checkpoint of the killed attempt's temporary folder, not
+        # loaded: which weights are in hand is not known for sure, so the features stage computes them
+        if run.features is not None and not checkpoint:
+            write_features(run, data, spec, tokenizer, model, held, weights_step(trainer, select))
     clock["fn_end"] = time.time()
     final.update(train_fn_seconds=clock["fn_end"] - started, clock=clock, pid=os.getpid(),
                  node=ray.get_runtime_context().get_node_id() if ray_train else None,
@@ -316,16 +329,42 @@ def train_fold(config: dict) -> None:
     write_json(Path(run.storage) / run.name / FINAL, final)
 
 
-def heldout_report(trainer, make, data, run: FoldRun) -> dict:
+def heldout_report(probs: np.ndarray, data, run: FoldRun) -> dict:
     """The held-out fold, once, for the table and the degenerate check: it chose no epoch."""
-    from nikl_ray.metrics import scores, to_probs
+    from nikl_ray.metrics import scores
 
     task = run.task
-    held = trainer.predict(make(run.heldout_idx)).predictions
-    held = held[0] if isinstance(held, tuple) else held
     y_held = data.labels[run.heldout_idx]
-    out = {f"heldout_{k}": v for k, v in scores(y_held, decisions_of(held, task.multi_label), task.labels,
-                                                task.multi_label).items()}
-    out["degenerate"] = degenerate_reason(y_held, to_probs(held.astype(np.float64), task.multi_label),
-                                          data.labels[run.train_idx], task.multi_label)
+    decided = probs > 0.5 if task.multi_label else decisions_of(probs, False)
+    out = {f"heldout_{k}": v for k, v in scores(y_held, decided, task.labels, task.multi_label).items()}
+    out["degenerate"] = degenerate_reason(y_held, probs, data.labels[run.train_idx], task.multi_label)
     return out
+
+
+def weights_step(trainer, select: bool) -> int:
+    """The step of the weights in the trainer's model: the best checkpoint's, which HF loaded at the end, when
+    an epoch was chosen; else the last."""
+    best = trainer.state.best_model_checkpoint
+    return int(Path(best).name.rsplit("-", 1)[1]) if select and best else trainer.state.global_step
+
+
+def write_features(run: FoldRun, data, spec: BackboneSpec, tokenizer, model, held: tuple, step: int) -> None:
+    """The run's FeatureOrder from the model in hand, in the features stage's format; `held` = the
+    held-out rows' (hidden, probs). Out of device memory, it leaves them to the features stage."""
+    from nikl_ray.artifacts import write_json
+    from nikl_ray.data import TextRows
+    from nikl_ray.members import embed, save_features
+
+    order = run.features
+    test = data.test.take(order.test_idx) if data.test is not None else TextRows([], [], [])
+    try:
+        hidden, probs = embed(spec, tokenizer, model, test, run.task.multi_label)
+    except Exception as e:
+        if not is_oom(e):
+            raise
+        logging.getLogger(__name__).warning("%s: out of device memory making its features; the features stage will "
+                                            "compute them", run.name)
+        return
+    save_features(Path(order.dir), {"oof": {"ids": [data.ids[i] for i in run.heldout_idx], "hidden": held[0], "probs": held[1]},
+                                    "test": {"ids": [data.test_ids[i] for i in order.test_idx], "hidden": hidden, "probs": probs}})
+    write_json(Path(order.dir) / MADE, {"step": step, "test_hash": order.test_hash})

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from nikl_ray.artifacts import load_manifest, read_json
+from nikl_ray.artifacts import load_manifest, read_json, write_json
 from nikl_ray.data import read_rows
-from nikl_ray.members import load_member, pool
+from nikl_ray.members import load_member, pool, read_features
 from nikl_ray.runspec import assign
 
 pytestmark = pytest.mark.slow
@@ -55,6 +55,34 @@ def test_features_join_by_id_and_each_row_comes_from_one_fold_model_that_never_s
         d = exp.layout.features("neox-lora", fold)
         assert set(json.loads((d / "oof_ids.json").read_text())) == set(folds["folds"][fold])
         assert json.loads((d / "test_ids.json").read_text()) == [t for t, a in zip(test.ids, assigned) if a == fold]
+
+
+def test_features_a_train_run_made_equal_those_a_task_computes_from_its_best_checkpoint(stacked, caplog):
+    """The features stage takes a final run's own features (made from the model in hand). Without
+    them, or when they are of other weights than the best checkpoint's, a task loads that checkpoint
+    and computes the same numbers (LoRA, and QLoRA in 4-bit)."""
+    from nikl_ray.runspec import MADE
+    from nikl_ray.stages import features
+
+    exp, data, _ = stacked
+    layout = exp.layout
+    lora, qlora = ("neox-lora", 0), ("neox-qlora", 1)
+    before = {p: read_features(layout.features(*p)) for p in (lora, qlora)}
+    (layout.run_features(*lora) / MADE).unlink()
+    stamp = read_json(layout.run_features(*qlora) / MADE)
+    write_json(layout.run_features(*qlora) / MADE, {**stamp, "step": stamp["step"] + 1})  # another epoch's weights
+    for member, fold in (lora, qlora, ("neox-lora", 1)):
+        (layout.features(member, fold) / "manifest.json").unlink()
+    with caplog.at_level("INFO", logger="nikl_ray"):
+        features.run(exp, data)
+    assert "features neox-lora-fold1: not run yet → taken from its train run" in caplog.text
+    for member, fold in (lora, qlora):
+        assert f"features {member}-fold{fold}: not run yet → computing" in caplog.text
+        after = read_features(layout.features(member, fold))
+        for part in ("oof", "test"):
+            assert after[part]["ids"] == before[(member, fold)][part]["ids"]
+            np.testing.assert_allclose(after[part]["probs"], before[(member, fold)][part]["probs"], atol=1e-5)
+            np.testing.assert_allclose(after[part]["hidden"], before[(member, fold)][part]["hidden"], atol=1e-4)
 
 
 def test_heads_ran_as_parallel_ray_tasks(stacked):

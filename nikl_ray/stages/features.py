@@ -5,7 +5,10 @@ For each (member, fold): the out-of-fold rows (the fold's held-out rows) and the
 A test row is assigned to one fold model by a stable hash of its content (runspec.assign), so
 it is predicted exactly as an out-of-fold row is: by one fold model that never saw it. Saved as
 `.npy` (read with allow_pickle=False) + ids in JSON, so members are always joined by id.
-One named Ray task per (member, fold), with the fold model's card share from the plan.
+A final Train run writes its fold model's features itself while the model is loaded (see
+runspec.FeatureOrder): they are taken when they are of the run's best checkpoint and of these
+rows. Otherwise one named Ray task per (member, fold) computes them, with the fold model's card
+share from the plan.
 """
 
 from __future__ import annotations
@@ -18,21 +21,17 @@ from pathlib import Path
 
 import numpy as np
 
-from nikl_ray.artifacts import load_manifest, manifest_problem, save_npy, sha256_file, write_json, write_manifest
+from nikl_ray.artifacts import load_manifest, manifest_problem, read_json, sha256_file, write_manifest
 from nikl_ray.backbones import BackboneSpec
 from nikl_ray.config import Experiment
-from nikl_ray.data import Rows, TextRows
+from nikl_ray.data import TextRows
 from nikl_ray.folds import fold_positions
 from nikl_ray.inputs import Inputs
-from nikl_ray.members import CLASSICAL, classical_probs, fit_classical, member_names, save_classical
-from nikl_ray.runspec import assign, held_out_hash
+from nikl_ray.members import (CLASSICAL, classical_probs, fit_classical, member_names, read_features, save_classical,
+                              save_features)
+from nikl_ray.runspec import MADE, answering_folds, held_out_hash
 
 log = logging.getLogger(__name__)
-
-
-def test_folds(test: Rows, k: int) -> np.ndarray:
-    """The fold model that answers for each test row."""
-    return assign(test.inputs().keys(), k, "fold")
 
 
 @dataclass(frozen=True)
@@ -87,13 +86,25 @@ def classical_features(job: FeatureJob) -> dict:
     return out
 
 
+def made_by_its_run(made: Path, pair: Path, oof_ids: list[str], test_ids: list[str], test_hash: str | None) -> dict | None:
+    """The features a fold's final Train run wrote (runspec.FeatureOrder), when they come from the
+    weights of its best checkpoint and are of these rows; None otherwise. (Between epochs of equal
+    score, HF's best model is the first and Ray's best checkpoint the last: then a task computes them.)"""
+    try:
+        stamp = read_json(made / MADE)
+        best = pair / load_manifest(pair)["best_checkpoint"]
+        out = read_features(made)
+        best_step = read_json(best / "trainer_state.json")["global_step"]
+    except (OSError, ValueError, KeyError):
+        return None
+    if (stamp["step"], stamp["test_hash"], out["oof"]["ids"], out["test"]["ids"]) != (best_step, test_hash, oof_ids, test_ids):
+        return None
+    return out
+
+
 def _save(d: Path, out: dict, inputs: dict) -> None:
     files = save_classical(d, out.pop("model")) if "model" in out else []
-    for part, arrays in out.items():
-        files.append(write_json(d / f"{part}_ids.json", arrays["ids"]))
-        for key in ("hidden", "probs"):
-            if arrays[key] is not None:
-                files.append(save_npy(d / f"{part}_{key}.npy", arrays[key]))
+    files += save_features(d, out)
     write_manifest(d, inputs=inputs, files=files, code=__name__)
 
 
@@ -106,7 +117,7 @@ def run(exp: Experiment, data: Inputs) -> Path:
     layout, folds, rows, test = exp.layout, data.folds(exp), data.rows, data.test
     k = folds["k"]
     stage = plan_stage(exp, exp.backbones)
-    test_fold = test_folds(test, k) if test is not None else None
+    test_fold = answering_folds(test, k) if test is not None else None
     empty = TextRows([], [], [])
     pending = {}
     for member in member_names(exp):
@@ -139,6 +150,12 @@ def run(exp: Experiment, data: Inputs) -> Path:
             d = layout.features(member, fold)
             why = manifest_problem(d, inputs, __name__)
             if why is None:
+                continue
+            made = None if member == CLASSICAL else made_by_its_run(layout.run_features(member, fold), pair, job.oof_ids,
+                                                                     job.test_ids, test_hash)
+            if made is not None:
+                _save(d, made, inputs)
+                log.info("features %s-fold%d: %s → taken from its train run", member, fold, why)
                 continue
             log.info("features %s-fold%d: %s → computing", member, fold, why)
             pending[ray.remote(**opts)(fn).options(name=f"features {member}-fold{fold}").remote(job)] = (d, inputs, member, fold)

@@ -5,9 +5,10 @@
 
 Each run is a FoldRun (runspec) placed by the plan: a 1/k card share, or CPUs on a CPU machine.
 Ray runs as many at once as the cluster holds. A run picks its epoch on its fold's selection
-slice and scores its held-out fold once at the end; a pair whose manifest matches is skipped,
-an interrupted pair resumes from its last checkpoint. The table (`train/summary.md`) shows each
-run's selection and held-out scores and flags degenerate models loudly.
+slice, scores its held-out fold once at the end and writes its features from the model in hand
+(the features stage takes them). A pair whose manifest matches is skipped; an interrupted pair
+resumes from its last checkpoint. The table (`train/summary.md`) shows each run's selection and
+held-out scores and flags degenerate models loudly.
 """
 
 from __future__ import annotations
@@ -15,13 +16,16 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import numpy as np
+
 from nikl_ray.artifacts import fresh_run_dir, load_manifest, manifest_problem, write_json, write_manifest
 from nikl_ray.backbones import BackboneSpec
 from nikl_ray.config import Experiment
 from nikl_ray.folds import fold_positions
 from nikl_ray.inputs import Inputs
 from nikl_ray.metrics import metric_name
-from nikl_ray.runspec import HF_CHECKPOINT, SELECT_METRIC, FoldRun, RowsPayload, fold_run, held_out_hash
+from nikl_ray.runspec import (HF_CHECKPOINT, SELECT_METRIC, FeatureOrder, FoldRun, RowsPayload, answering_folds, fold_run,
+                              held_out_hash)
 from nikl_ray.tables import markdown, write_table
 from nikl_ray.worker import read_history
 
@@ -60,7 +64,9 @@ def run(exp: Experiment, data: Inputs, *, backbones: list[str] | None = None) ->
     specs = [s for s in exp.backbones if backbones is None or s.name in backbones]
     stage = plan_stage(exp, specs)
     log.info("%s", stage.describe())
-    payload = ray.put(RowsPayload.of(data.rows))
+    payload = ray.put(RowsPayload.of(data.rows, data.test))
+    test = data.test
+    answering = answering_folds(test, folds["k"]) if test is not None else np.zeros(0, int)
     runs, status = [], {}
     for spec in specs:
         for fold in range(folds["k"]):
@@ -72,7 +78,10 @@ def run(exp: Experiment, data: Inputs, *, backbones: list[str] | None = None) ->
             fresh_run_dir(layout.pair(spec.name, fold), pair_inputs(exp, spec, fold, folds), __name__)
             runs.append(fold_run(exp, spec, fold, fold_positions(data.rows, folds, fold), payload,
                                  stage.placements[spec.name], stage.device, name=layout.run_name(spec.name, fold),
-                                 storage=str(layout.train)))
+                                 storage=str(layout.train),
+                                 features=FeatureOrder(str(layout.run_features(spec.name, fold)),
+                                                       np.flatnonzero(answering == fold),
+                                                       test.data_hash() if test is not None else None)))
     failures = []
     metric = metric_name(exp.task.multi_label)
 
