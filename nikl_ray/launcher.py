@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 from nikl_ray.artifacts import read_json
-from nikl_ray.runspec import SELECT_METRIC, FoldRun
+from nikl_ray.runspec import CHECKPOINT_RANK, FoldRun
 from nikl_ray.worker import FINAL, train_fold
 
 log = logging.getLogger(__name__)
@@ -249,7 +249,7 @@ def run_config(run: FoldRun, callbacks: list | None = None):
 
     scored = len(run.select_idx) > 0  # with a selection slice Ray keeps the best epoch, else the latest
     return RunConfig(name=run.name, storage_path=run.storage, failure_config=FailureConfig(max_failures=run.max_failures),
-                     checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=SELECT_METRIC if scored else None,
+                     checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=CHECKPOINT_RANK if scored else None,
                                                         checkpoint_score_order="max"),
                      # Ray Train's own state transitions and reports stay in its log files (and the
                      # dashboard); the worker prints one line per epoch
@@ -275,7 +275,7 @@ def fit_run(run: FoldRun, trainer=None) -> dict:
     t0 = time.time()
     result = (trainer or make_trainer(run)).fit()
     scored = len(run.select_idx) > 0
-    best = result.get_best_checkpoint(metric=SELECT_METRIC, mode="max") if scored else result.checkpoint
+    best = result.get_best_checkpoint(metric=CHECKPOINT_RANK, mode="max") if scored else result.checkpoint
     final = Path(run.storage) / run.name / FINAL
     return {"best_checkpoint": best.path, "latest_checkpoint": result.checkpoint.path,
             "metrics": read_json(final) if final.exists() else {}, "wall_seconds": time.time() - t0}

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from nikl_ray.backbones import BackboneSpec
-from nikl_ray.runspec import HF_CHECKPOINT, MADE, SELECT_METRIC, FoldRun
+from nikl_ray.runspec import CHECKPOINT_RANK, HF_CHECKPOINT, MADE, SELECT_METRIC, FoldRun
 
 FINAL = "final.json"  # what a run says after training: held-out scores, degeneracy, time in the function
 
@@ -240,6 +240,13 @@ def train_fold(config: dict) -> None:
                 extra["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1024**3
             state.log_history.append(extra)
 
+    class RankForRay(TrainerCallback):
+        """Each evaluated epoch's CHECKPOINT_RANK, so that Ray keeps the checkpoint of HF's best epoch."""
+
+        def on_evaluate(self, args, state, control, metrics=None, **kw):
+            score, best = metrics[SELECT_METRIC], state.best_metric  # HF counts this epoch into best_metric after
+            state.log_history.append({CHECKPOINT_RANK: score if best is None or score > best else score - 1.0})
+
     class Progress(TrainerCallback):
         """One line per epoch (in the driver's console through Ray): loss and selection score."""
 
@@ -270,7 +277,7 @@ def train_fold(config: dict) -> None:
             bf16=on_cuda and run.precision == "bf16", **{checkpointing_arg: run.gradient_checkpointing})
         callbacks = [ResourceLog(), Progress()] + ([RayTrainReportCallback()] if ray_train else [])
         if select:
-            callbacks.insert(0, EarlyStoppingCallback(spec.early_stopping_patience))
+            callbacks[:0] = [EarlyStoppingCallback(spec.early_stopping_patience), RankForRay()]
         trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=select_ds,
                           data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
                           compute_metrics=compute_metrics, callbacks=callbacks,
@@ -342,10 +349,10 @@ def heldout_report(probs: np.ndarray, data, run: FoldRun) -> dict:
 
 
 def weights_step(trainer, select: bool) -> int:
-    """The step of the weights in the trainer's model: the best checkpoint's, which HF loaded at the end, when
-    an epoch was chosen; else the last."""
-    best = trainer.state.best_model_checkpoint
-    return int(Path(best).name.rsplit("-", 1)[1]) if select and best else trainer.state.global_step
+    """The step of the weights in the trainer's model: the best epoch's, which HF loaded at the end, when an
+    epoch was chosen; else the last."""
+    best = trainer.state.best_global_step
+    return best if select and best else trainer.state.global_step
 
 
 def write_features(run: FoldRun, data, spec: BackboneSpec, tokenizer, model, held: tuple, step: int) -> None:
