@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from nikl_ray.artifacts import load_manifest
+from nikl_ray.artifacts import load_manifest, read_json
 from nikl_ray.runspec import SELECT_METRIC
 from nikl_ray.worker import read_history
 
@@ -27,6 +27,8 @@ def test_every_backbone_and_fold_trains_and_reports_selection_and_held_out_score
             weights = "adapter_model.safetensors" if spec.uses_lora else "model.safetensors"
             assert (best / weights).exists()  # LoRA modes keep adapters only
             assert not (best / "model.safetensors").exists() or not spec.uses_lora
+            # the weights kept are the epoch the table names, also among epochs of equal score (enc-full's)
+            assert round(read_json(best / "trainer_state.json")["epoch"]) == m["best_epoch"]
             # every epoch logged its clock before its checkpoint was written, so the time in the
             # training function a manifest reports is that of its own last epoch
             history = read_history(best.parent)
