@@ -88,8 +88,8 @@ def classical_features(job: FeatureJob) -> dict:
 
 def made_by_its_run(made: Path, pair: Path, oof_ids: list[str], test_ids: list[str], test_hash: str | None) -> dict | None:
     """The features a fold's final Train run wrote (runspec.FeatureOrder), when they come from the
-    weights of its best checkpoint and are of these rows; None otherwise. (Between epochs of equal
-    score, HF's best model is the first and Ray's best checkpoint the last: then a task computes them.)"""
+    weights of its best checkpoint and are of these rows; None otherwise (a run resumed after a kill
+    writes none: the worker cannot be sure which weights its HF state loaded at the end)."""
     try:
         stamp = read_json(made / MADE)
         best = pair / load_manifest(pair)["best_checkpoint"]
