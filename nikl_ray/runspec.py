@@ -20,9 +20,9 @@ from nikl_ray.tasks import TaskSpec
 
 HF_CHECKPOINT = "checkpoint"  # the HF checkpoint folder inside a Ray checkpoint (RayTrainReportCallback)
 MADE = "made.json"  # beside a run's own features: the step of the weights that made them, and the test rows' hash
-SELECT_METRIC = "eval_score"  # a run's score on its selection slice (decision.selection_score), as Ray and Tune see it
+SELECT_METRIC = "eval_score"  # a run's score on its selection slice (decision.selection_score), as Tune sees it
 # what Ray keeps a run's best checkpoint by: the selection score of an epoch that beat every earlier one, else
-# below any (HF's best model is the first of equal scores, Ray's best checkpoint would be the last)
+# below the best so far. HF's best model is the first of equal scores; Ray's best checkpoint would be the last.
 CHECKPOINT_RANK = "checkpoint_rank"
 
 

@@ -295,7 +295,10 @@ def train_fold(config: dict) -> None:
                 if SELECT_METRIC in entry:
                     ray.train.report(entry)
 
+    fits = []  # one per attempt (run_with_oom_retry)
+
     def fit(spec: BackboneSpec, model):
+        fits.append(spec.batch_size)
         trainer = build_trainer(spec, model)
         if checkpoint:  # restarted after a failure or a killed driver: continue mid-run
             with checkpoint.as_directory() as ckpt_dir:
@@ -316,16 +319,18 @@ def train_fold(config: dict) -> None:
              "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1024**3 if on_cuda else None}
     if run.predict_heldout:
         # one pass over the held-out rows serves the table and, in a final run, the features stage
-        trainer.optimizer = trainer.lr_scheduler = None  # their state is not needed any more
-        if on_cuda:
-            torch.cuda.empty_cache()
-        model = trainer.model.eval()
-        held = embed(spec, tokenizer, model, data.inputs.take(run.heldout_idx), task.multi_label)
+        trainer.optimizer = trainer.lr_scheduler = None
+        trainer.accelerator.free_memory()  # the optimizer's state (accelerate holds it too) and cached blocks
+        # without the mixed-precision wrapper: the model runs as a loaded fold model does (load_trained)
+        model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False).eval()
+        batch = trainer.args.per_device_eval_batch_size
+        held = embed(spec, tokenizer, model, data.inputs.take(run.heldout_idx), task.multi_label, batch_size=batch)
         final.update(heldout_report(held[1], data, run))
-        # a resumed run's HF state may name a best checkpoint of the killed attempt's temporary folder, not
-        # loaded: which weights are in hand is not known for sure, so the features stage computes them
-        if run.features is not None and not checkpoint:
-            write_features(run, data, spec, tokenizer, model, held, weights_step(trainer, select))
+        # Which weights are in hand is certain only for one uninterrupted attempt: a resumed run's HF state
+        # may name a best checkpoint in the killed attempt's temporary folder, and an OOM retry's Ray run
+        # holds the first attempt's checkpoints too. Otherwise the features stage computes them.
+        if run.features is not None and not checkpoint and len(fits) == 1:
+            write_features(run, data, spec, tokenizer, model, held, weights_step(trainer, select), batch)
     clock["fn_end"] = time.time()
     final.update(train_fn_seconds=clock["fn_end"] - started, clock=clock, pid=os.getpid(),
                  node=ray.get_runtime_context().get_node_id() if ray_train else None,
@@ -355,7 +360,8 @@ def weights_step(trainer, select: bool) -> int:
     return best if select and best else trainer.state.global_step
 
 
-def write_features(run: FoldRun, data, spec: BackboneSpec, tokenizer, model, held: tuple, step: int) -> None:
+def write_features(run: FoldRun, data, spec: BackboneSpec, tokenizer, model, held: tuple, step: int,
+                   batch_size: int) -> None:
     """The run's FeatureOrder from the model in hand, in the features stage's format; `held` = the
     held-out rows' (hidden, probs). Out of device memory, it leaves them to the features stage."""
     from nikl_ray.artifacts import write_json
@@ -363,9 +369,10 @@ def write_features(run: FoldRun, data, spec: BackboneSpec, tokenizer, model, hel
     from nikl_ray.members import embed, save_features
 
     order = run.features
+    (Path(order.dir) / MADE).unlink(missing_ok=True)  # written last: no stamp on half-written features
     test = data.test.take(order.test_idx) if data.test is not None else TextRows([], [], [])
     try:
-        hidden, probs = embed(spec, tokenizer, model, test, run.task.multi_label)
+        hidden, probs = embed(spec, tokenizer, model, test, run.task.multi_label, batch_size=batch_size)
     except Exception as e:
         if not is_oom(e):
             raise
