@@ -265,9 +265,14 @@ def train_fold(config: dict) -> None:
     checkpointing_arg = ("activation_checkpointing" if "activation_checkpointing"
                          in {f.name for f in dataclasses.fields(TrainingArguments)} else "gradient_checkpointing")
 
+    fits = []  # the batch size of each attempt (run_with_oom_retry)
+
     def build_trainer(spec: BackboneSpec, model):
         args = TrainingArguments(
-            output_dir=out_dir, num_train_epochs=spec.epochs, learning_rate=spec.lr, weight_decay=spec.weight_decay,
+            # a folder per attempt: Ray's callback copies the highest-numbered checkpoint in it, which
+            # must not be one an earlier (out-of-memory) attempt left
+            output_dir=os.path.join(out_dir, f"attempt{len(fits)}"), num_train_epochs=spec.epochs,
+            learning_rate=spec.lr, weight_decay=spec.weight_decay,
             warmup_steps=spec.warmup_ratio, per_device_train_batch_size=spec.batch_size,
             per_device_eval_batch_size=spec.batch_size * 2, gradient_accumulation_steps=spec.grad_accum,
             eval_strategy="epoch" if select else "no", save_strategy="epoch", logging_strategy="epoch",
@@ -294,8 +299,6 @@ def train_fold(config: dict) -> None:
             for entry in read_history(ckpt_dir):
                 if SELECT_METRIC in entry:
                     ray.train.report(entry)
-
-    fits = []  # one per attempt (run_with_oom_retry)
 
     def fit(spec: BackboneSpec, model):
         fits.append(spec.batch_size)
