@@ -203,17 +203,16 @@ class MemberFeatures:
 
 def load_member(layout, member: str, k: int, ids: list[str], test_ids: list[str] | None) -> MemberFeatures:
     """Rows are matched by id; a row with no feature is an error."""
+    folds = [read_features(layout.features(member, fold)) for fold in range(k)]
+
     def gather(part: str, want: list[str]):
         where = {rid: i for i, rid in enumerate(want)}
         hidden = probs = None
-        for fold in range(k):
-            d = layout.features(member, fold)
-            got = json.loads((d / f"{part}_ids.json").read_text())
-            if not got:
+        for got in (f[part] for f in folds):
+            if not got["ids"]:
                 continue
-            idx = np.array([where[r] for r in got])
-            p = np.load(d / f"{part}_probs.npy", allow_pickle=False)
-            h = np.load(d / f"{part}_hidden.npy", allow_pickle=False) if (d / f"{part}_hidden.npy").exists() else None
+            idx = np.array([where[r] for r in got["ids"]])
+            p, h = got["probs"], got["hidden"]
             if probs is None:
                 probs = np.full((len(want), p.shape[1]), np.nan, np.float32)
                 hidden = None if h is None else np.full((len(want), h.shape[1]), np.nan, np.float32)

@@ -38,9 +38,7 @@ class RowsPayload:
 
     @classmethod
     def of(cls, rows: Rows, test: Rows | None = None) -> "RowsPayload":
-        if test is None:
-            return cls(rows.ids, rows.inputs(), rows.labels)
-        return cls(rows.ids, rows.inputs(), rows.labels, test.ids, test.inputs())
+        return cls(rows.ids, rows.inputs(), rows.labels, test.ids if test else [], test.inputs() if test else None)
 
 
 @dataclass(frozen=True)
@@ -127,9 +125,12 @@ def held_out_hash(folds: dict, fold: int) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def answering_folds(test: Rows, k: int) -> np.ndarray:
-    """The fold model that answers for each test row."""
-    return assign(test.inputs().keys(), k, "fold")
+def answering_positions(test: Rows | None, k: int) -> list[np.ndarray]:
+    """Per fold, the positions of the test rows its fold model answers for (none without a test set)."""
+    if test is None:
+        return [np.zeros(0, int)] * k
+    fold_of = assign(test.inputs().keys(), k, "fold")
+    return [np.flatnonzero(fold_of == fold) for fold in range(k)]
 
 
 def assign(keys: list[str], k: int, salt: str) -> np.ndarray:

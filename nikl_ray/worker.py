@@ -128,12 +128,11 @@ def degenerate_reason(y_true: np.ndarray, probs: np.ndarray, train_labels: np.nd
     return None
 
 
-def decisions_of(logits: np.ndarray, multi_label: bool) -> np.ndarray:
-    if multi_label:
-        return logits > 0
-    out = np.zeros(logits.shape, dtype=bool)
-    out[np.arange(len(logits)), logits.argmax(1)] = True
-    return out
+def plain_decisions(probs: np.ndarray, multi_label: bool) -> np.ndarray:
+    """A lone fold model's decisions, no rule fitted: each label at 0.5, or the likeliest label."""
+    from nikl_ray.decision import decide
+
+    return decide(probs, "threshold_0.5" if multi_label else "argmax")
 
 
 # ---------------------------------------------------------------------------- the worker
@@ -220,8 +219,9 @@ def train_fold(config: dict) -> None:
     def compute_metrics(pred):
         logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
         y = pred.label_ids if task.multi_label else np.eye(len(task.labels))[pred.label_ids.astype(int)]
-        out = scores(y, decisions_of(logits, task.multi_label), task.labels, task.multi_label)
-        out["score"] = selection_score(to_probs(logits.astype(np.float64), task.multi_label), y, task.multi_label)
+        probs = to_probs(logits.astype(np.float64), task.multi_label)
+        out = scores(y, plain_decisions(probs, task.multi_label), task.labels, task.multi_label)
+        out["score"] = selection_score(probs, y, task.multi_label)
         return out
 
     class ResourceLog(TrainerCallback):
@@ -265,7 +265,7 @@ def train_fold(config: dict) -> None:
     checkpointing_arg = ("activation_checkpointing" if "activation_checkpointing"
                          in {f.name for f in dataclasses.fields(TrainingArguments)} else "gradient_checkpointing")
 
-    fits = []  # the batch size of each attempt (run_with_oom_retry)
+    fits = []  # one entry per attempt (run_with_oom_retry): its spec
 
     def build_trainer(spec: BackboneSpec, model):
         args = TrainingArguments(
@@ -301,7 +301,7 @@ def train_fold(config: dict) -> None:
                     ray.train.report(entry)
 
     def fit(spec: BackboneSpec, model):
-        fits.append(spec.batch_size)
+        fits.append(spec)
         trainer = build_trainer(spec, model)
         if checkpoint:  # restarted after a failure or a killed driver: continue mid-run
             with checkpoint.as_directory() as ckpt_dir:
@@ -350,8 +350,8 @@ def heldout_report(probs: np.ndarray, data, run: FoldRun) -> dict:
 
     task = run.task
     y_held = data.labels[run.heldout_idx]
-    decided = probs > 0.5 if task.multi_label else decisions_of(probs, False)
-    out = {f"heldout_{k}": v for k, v in scores(y_held, decided, task.labels, task.multi_label).items()}
+    out = {f"heldout_{k}": v for k, v in scores(y_held, plain_decisions(probs, task.multi_label), task.labels,
+                                                task.multi_label).items()}
     out["degenerate"] = degenerate_reason(y_held, probs, data.labels[run.train_idx], task.multi_label)
     return out
 

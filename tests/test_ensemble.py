@@ -69,8 +69,9 @@ def test_features_a_train_run_made_equal_those_a_task_computes_from_its_best_che
     lora, qlora = ("neox-lora", 0), ("neox-qlora", 1)
     before = {p: read_features(layout.features(*p)) for p in (lora, qlora)}
     for p in (lora, qlora):  # what the stage took for them were the runs' own features
-        made = features.made_by_its_run(layout.run_features(*p), layout.pair(*p), before[p]["oof"]["ids"],
-                                        before[p]["test"]["ids"], data.test.data_hash())
+        best = layout.pair(*p) / load_manifest(layout.pair(*p))["best_checkpoint"]
+        made = features.made_by_its_run(layout.run_features(*p), best, before[p]["oof"]["ids"], before[p]["test"]["ids"],
+                                        data.test.data_hash())
         np.testing.assert_array_equal(made["test"]["probs"], before[p]["test"]["probs"])
     (layout.run_features(*lora) / MADE).unlink()
     stamp = read_json(layout.run_features(*qlora) / MADE)

@@ -29,7 +29,7 @@ from nikl_ray.folds import fold_positions
 from nikl_ray.inputs import Inputs
 from nikl_ray.members import (CLASSICAL, classical_probs, fit_classical, member_names, read_features, save_classical,
                               save_features)
-from nikl_ray.runspec import MADE, answering_folds, held_out_hash
+from nikl_ray.runspec import MADE, answering_positions, held_out_hash
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +86,12 @@ def classical_features(job: FeatureJob) -> dict:
     return out
 
 
-def made_by_its_run(made: Path, pair: Path, oof_ids: list[str], test_ids: list[str], test_hash: str | None) -> dict | None:
+def made_by_its_run(made: Path, best: Path, oof_ids: list[str], test_ids: list[str], test_hash: str | None) -> dict | None:
     """The features a fold's final Train run wrote (runspec.FeatureOrder), when they come from the
-    weights of its best checkpoint and are of these rows; None otherwise (a run resumed after a kill
-    writes none: the worker cannot be sure which weights its HF state loaded at the end)."""
+    weights of its best checkpoint `best` and are of these rows; None otherwise (a run resumed after a
+    kill or retried out of memory writes none: which weights it ends with is not certain)."""
     try:
         stamp = read_json(made / MADE)
-        best = pair / load_manifest(pair)["best_checkpoint"]
         out = read_features(made)
         best_step = read_json(best / "trainer_state.json")["global_step"]
     except (OSError, ValueError, KeyError):
@@ -117,18 +116,17 @@ def run(exp: Experiment, data: Inputs) -> Path:
     layout, folds, rows, test = exp.layout, data.folds(exp), data.rows, data.test
     k = folds["k"]
     stage = plan_stage(exp, exp.backbones)
-    test_fold = answering_folds(test, k) if test is not None else None
-    empty = TextRows([], [], [])
+    answering = answering_positions(test, k)
+    test_hash = test.data_hash() if test is not None else None
     pending = {}
     for member in member_names(exp):
         for fold in range(k):
             train_idx, select_idx, held_idx = fold_positions(rows, folds, fold)
-            picked = np.flatnonzero(test_fold == fold) if test is not None else []
+            picked = answering[fold]
             common = dict(member=member, fold=fold, multi_label=exp.task.multi_label, num_labels=len(exp.task.labels),
                           oof_ids=[rows.ids[i] for i in held_idx], oof=rows.inputs().take(held_idx),
                           test_ids=[test.ids[i] for i in picked] if test is not None else [],
-                          test=test.inputs().take(picked) if test is not None else empty)
-            test_hash = test.data_hash() if test is not None else None
+                          test=test.inputs().take(picked) if test is not None else TextRows([], [], []))
             if member == CLASSICAL:
                 fit_idx = np.concatenate([train_idx, select_idx])  # no epochs to choose: it fits on the whole training part
                 inputs = {"member": member, "data_hash": folds["data_hash"], "fold": fold, "k": k,
@@ -151,8 +149,8 @@ def run(exp: Experiment, data: Inputs) -> Path:
             why = manifest_problem(d, inputs, __name__)
             if why is None:
                 continue
-            made = None if member == CLASSICAL else made_by_its_run(layout.run_features(member, fold), pair, job.oof_ids,
-                                                                     job.test_ids, test_hash)
+            made = None if member == CLASSICAL else made_by_its_run(layout.run_features(member, fold), Path(job.checkpoint),
+                                                                     job.oof_ids, job.test_ids, test_hash)
             if made is not None:
                 _save(d, made, inputs)
                 log.info("features %s-fold%d: %s → taken from its train run", member, fold, why)

@@ -16,16 +16,14 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
-
 from nikl_ray.artifacts import fresh_run_dir, load_manifest, manifest_problem, write_json, write_manifest
 from nikl_ray.backbones import BackboneSpec
 from nikl_ray.config import Experiment
 from nikl_ray.folds import fold_positions
 from nikl_ray.inputs import Inputs
 from nikl_ray.metrics import metric_name
-from nikl_ray.runspec import (HF_CHECKPOINT, SELECT_METRIC, FeatureOrder, FoldRun, RowsPayload, answering_folds, fold_run,
-                              held_out_hash)
+from nikl_ray.runspec import (HF_CHECKPOINT, SELECT_METRIC, FeatureOrder, FoldRun, RowsPayload, answering_positions,
+                              fold_run, held_out_hash)
 from nikl_ray.tables import markdown, write_table
 from nikl_ray.worker import read_history
 
@@ -65,8 +63,8 @@ def run(exp: Experiment, data: Inputs, *, backbones: list[str] | None = None) ->
     stage = plan_stage(exp, specs)
     log.info("%s", stage.describe())
     payload = ray.put(RowsPayload.of(data.rows, data.test))
-    test = data.test
-    answering = answering_folds(test, folds["k"]) if test is not None else np.zeros(0, int)
+    answering = answering_positions(data.test, folds["k"])
+    test_hash = data.test.data_hash() if data.test is not None else None
     runs, status = [], {}
     for spec in specs:
         for fold in range(folds["k"]):
@@ -79,9 +77,8 @@ def run(exp: Experiment, data: Inputs, *, backbones: list[str] | None = None) ->
             runs.append(fold_run(exp, spec, fold, fold_positions(data.rows, folds, fold), payload,
                                  stage.placements[spec.name], stage.device, name=layout.run_name(spec.name, fold),
                                  storage=str(layout.train),
-                                 features=FeatureOrder(str(layout.run_features(spec.name, fold)),
-                                                       np.flatnonzero(answering == fold),
-                                                       test.data_hash() if test is not None else None)))
+                                 features=FeatureOrder(str(layout.run_features(spec.name, fold)), answering[fold],
+                                                       test_hash)))
     failures = []
     metric = metric_name(exp.task.multi_label)
 
