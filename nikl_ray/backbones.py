@@ -243,6 +243,8 @@ def load_for_classification(spec: BackboneSpec, num_labels: int, multi_label: bo
     if spec.mode in ("lora", "gptq") and dtype != torch.float32:
         kwargs["dtype"] = dtype  # frozen base in 16-bit; trainable adapters stay fp32 under peft
     model = AutoModelForSequenceClassification.from_pretrained(spec.checkpoint, **kwargs)
+    if spec.mode == "qlora":
+        fp32_4bit_on_cpu(model)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # marker tokens added (padded vocabularies stay)
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -262,6 +264,17 @@ def load_for_classification(spec: BackboneSpec, num_labels: int, multi_label: bo
                         # the marker tokens' embedding rows are new: train (and save) just those rows
                         trainable_token_indices=marker_ids)
     return get_peft_model(model, config)
+
+
+def fp32_4bit_on_cpu(model) -> None:
+    """On CPUs with AVX512-BF16, bitsandbytes runs a 4-bit layer in eval mode without grad through a
+    bf16 kernel on repacked weights (and back to fp32 when its input needs grad, or for training): a
+    fold model's numbers would then depend on the CPU and on the path each layer took. Keep 4-bit
+    layers on CPU on the fp32 path, as training and machines without AVX512-BF16 run them (GPUs are
+    not affected: the flag is read for CPU inputs only)."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def load_trained(spec: BackboneSpec, checkpoint_dir: str | Path, num_labels: int, multi_label: bool, *,
