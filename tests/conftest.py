@@ -151,6 +151,30 @@ def single_label_run(tmp_path_factory, tiny_backbones, ray_local):
     return raw, run_pipeline(parse_experiment(raw, tmp))
 
 
+def kill_with_its_ray(proc) -> None:
+    """SIGKILL a driver and every process under it at once, as a machine losing power would, and wait
+    until all are gone. Its Ray's workers have process groups of their own: a `killpg` of the
+    driver's group leaves them training (and checkpointing into the run's folder) for another
+    moment, racing the rerun that resumes from that folder."""
+    import signal
+
+    import psutil
+
+    try:
+        procs = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        procs = []
+    os.killpg(proc.pid, signal.SIGKILL)
+    for p in procs:
+        try:
+            p.kill()
+        except psutil.NoSuchProcess:
+            pass
+    proc.wait()
+    _, alive = psutil.wait_procs(procs, timeout=30)
+    assert not alive, alive
+
+
 class Started:
     """A command running in the background; `wait()` gives its CompletedProcess (output in files, not
     pipes, so a chatty command never blocks on a pipe nobody reads yet)."""
@@ -217,6 +241,9 @@ class RayCluster:
                 f"--dashboard-agent-grpc-port={p()}", f"--runtime-env-agent-port={p()}", f"--metrics-export-port={p()}"]
 
     def start_head(self, *, cpus: int, gpus: int = 0) -> None:
+        # the README's first step: `ray start` wants a token it can find (a fresh machine has none)
+        out = self.ray("get-auth-token", "--generate")
+        assert out.returncode == 0, out.stderr
         port, dash = self.free_port(), self.free_port()
         # every process of this cluster asks its own dashboard for Ray's state API (see cluster.connect)
         self.env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{dash}"

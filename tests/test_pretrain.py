@@ -2,8 +2,6 @@
 fold models starting from the pretrained weights."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,7 +10,7 @@ import unicodedata
 import pytest
 import yaml
 
-from conftest import DEMO_DIR
+from conftest import DEMO_DIR, kill_with_its_ray
 
 
 def test_the_corpus_reads_jsonl_tsv_and_lines_normalised_deduplicated_and_leaves_out_what_it_is_told(tmp_path):
@@ -72,8 +70,7 @@ def test_pretraining_runs_two_workers_resumes_after_a_kill_and_the_folds_start_f
             assert proc.poll() is None, (tmp_path / "pretrain.log").read_text()[-3000:]
             time.sleep(0.2)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_with_its_ray(proc)  # the driver and the Ray instance it started
     assert not (tmp_path / "res" / "pretrain" / "neox" / "manifest.json").exists()
 
     exp = parse_experiment(raw)

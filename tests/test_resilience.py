@@ -4,7 +4,6 @@ import csv
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -190,7 +189,7 @@ def test_a_killed_driver_resumes_without_retraining_and_matches_an_uninterrupted
     """SIGKILL the driver (and its Ray) mid-train; the same command again skips the finished fold,
     resumes the interrupted one from its last checkpoint, and ends with the same weights as the
     trained fixture's run, which was never interrupted (CPU training with fixed seeds is deterministic)."""
-    from conftest import setup_run
+    from conftest import kill_with_its_ray, setup_run
     from nikl_ray.stages import train
 
     config = _fixture_neox_only(trained, tmp_path)
@@ -205,8 +204,7 @@ def test_a_killed_driver_resumes_without_retraining_and_matches_an_uninterrupted
             assert proc.poll() is None, "training ended before it could be killed"
             time.sleep(0.2)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_with_its_ray(proc)  # the driver and the Ray instance it started
     assert not (pair("neox-lora", 1) / "manifest.json").exists(), "fold 1 finished before the kill"
     fold0 = (pair("neox-lora", 0) / "manifest.json").read_text()
 

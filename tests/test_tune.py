@@ -3,7 +3,6 @@ pipeline with a search that does nothing twice."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -12,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import DEMO_DIR
+from conftest import DEMO_DIR, kill_with_its_ray
 from nikl_ray.config import ConfigError, load_experiment
 from nikl_ray.search_space import load_search_space, memory_corner
 
@@ -104,8 +103,7 @@ def test_a_killed_search_resumes_and_pipeline_with_tune_run_twice_does_its_work_
             assert proc.poll() is None, "the search ended before it could be killed"
             time.sleep(0.5)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray instance it started
-        proc.wait()
+        kill_with_its_ray(proc)  # the driver and the Ray instance it started
     finished_ids = _terminated_in_saved_state(search)
     finished = {d.name: (d / "result.json").read_text() for d in _trial_dirs(search) if d.name.split("_")[1] in finished_ids}
     assert finished and not (search.parent / "manifest.json").exists()
