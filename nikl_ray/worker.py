@@ -247,6 +247,19 @@ def train_fold(config: dict) -> None:
             score, best = metrics[SELECT_METRIC], state.best_metric  # HF counts this epoch into best_metric after
             state.log_history.append({CHECKPOINT_RANK: score if best is None or score > best else score - 1.0})
 
+    class BestKeptByRay(TrainerCallback):
+        """A resumed run's HF state names its best epoch's checkpoint in the killed process's temporary
+        folder; HF forgets a folder that is gone and would end on the last epoch's weights. Ray kept
+        that epoch's checkpoint in the run's storage (RankForRay): HF loads it from there at the end."""
+
+        def on_train_begin(self, args, state, control, **kw):
+            if state.best_model_checkpoint is not None or not state.best_global_step:
+                return
+            for kept in Path(run.storage, run.name).glob(f"checkpoint_*/{HF_CHECKPOINT}"):
+                saved = kept / "trainer_state.json"
+                if saved.exists() and json.loads(saved.read_text())["global_step"] == state.best_global_step:
+                    state.best_model_checkpoint = str(kept)
+
     class Progress(TrainerCallback):
         """One line per epoch (in the driver's console through Ray): loss and selection score."""
 
@@ -282,7 +295,7 @@ def train_fold(config: dict) -> None:
             bf16=on_cuda and run.precision == "bf16", **{checkpointing_arg: run.gradient_checkpointing})
         callbacks = [ResourceLog(), Progress()] + ([RayTrainReportCallback()] if ray_train else [])
         if select:
-            callbacks[:0] = [EarlyStoppingCallback(spec.early_stopping_patience), RankForRay()]
+            callbacks[:0] = [EarlyStoppingCallback(spec.early_stopping_patience), RankForRay(), BestKeptByRay()]
         trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=select_ds,
                           data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
                           compute_metrics=compute_metrics, callbacks=callbacks,
@@ -329,9 +342,9 @@ def train_fold(config: dict) -> None:
         batch = trainer.args.per_device_eval_batch_size
         held = embed(spec, tokenizer, model, data.inputs.take(run.heldout_idx), task.multi_label, batch_size=batch)
         final.update(heldout_report(held[1], data, run))
-        # Which weights are in hand is certain only for one uninterrupted attempt: a resumed run's HF state
-        # may name a best checkpoint in the killed attempt's temporary folder, and an OOM retry's Ray run
-        # holds the first attempt's checkpoints too. Otherwise the features stage computes them.
+        # Which weights are in hand is certain only for one uninterrupted attempt: a resumed run has its
+        # best epoch's only where BestKeptByRay found Ray's copy, and an OOM retry's Ray run holds the
+        # first attempt's checkpoints too. Otherwise the features stage computes them.
         if run.features is not None and not checkpoint and len(fits) == 1:
             write_features(run, data, spec, tokenizer, model, held, weights_step(trainer, select), batch)
     clock["fn_end"] = time.time()

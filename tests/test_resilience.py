@@ -116,14 +116,15 @@ def _checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir()) if run_dir.exists() else []
 
 
-def _registered_checkpoint(run_dir: Path) -> bool:
-    """Whether Ray Train has recorded a checkpoint for the run (what a restart restores from). A
-    checkpoint folder shows up while it is still being copied, before Ray registers it."""
+def _registered_epoch(run_dir: Path) -> float:
+    """The epoch of the last checkpoint Ray Train has recorded for the run (what a restart restores
+    from), 0 before the first. A checkpoint folder shows up while it is still being copied, before
+    Ray registers it."""
     try:
         snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
     except (OSError, json.JSONDecodeError):
-        return False
-    return snapshot.get("latest_checkpoint_result") is not None
+        return 0
+    return (snapshot.get("latest_checkpoint_result") or {}).get("metrics", {}).get("epoch", 0)
 
 
 def _resumed(history: list[dict]) -> bool:
@@ -171,7 +172,7 @@ def test_a_killed_worker_restarts_and_the_run_ends_as_if_nothing_happened_withou
                    Device(False, "cpu"), name="scrambled", storage=str(tmp_path))
     pending = ray.remote(num_cpus=0)(fit_run).remote(run)
     deadline = time.time() + 300
-    while time.time() < deadline and not _registered_checkpoint(tmp_path / "scrambled"):
+    while time.time() < deadline and not _registered_epoch(tmp_path / "scrambled"):
         time.sleep(0.2)
     # this Ray instance's Train workers only (other tests may run their own Ray beside it)
     workers = list_actors(address=api_server(), filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
@@ -186,9 +187,11 @@ def test_a_killed_worker_restarts_and_the_run_ends_as_if_nothing_happened_withou
 
 @pytest.mark.slow
 def test_a_killed_driver_resumes_without_retraining_and_matches_an_uninterrupted_run(trained, tmp_path):
-    """SIGKILL the driver (and its Ray) mid-train; the same command again skips the finished fold,
-    resumes the interrupted one from its last checkpoint, and ends with the same weights as the
-    trained fixture's run, which was never interrupted (CPU training with fixed seeds is deterministic)."""
+    """SIGKILL the driver (and its Ray) mid-train, right after the best epoch; the same command again
+    skips the finished fold, resumes the interrupted one from its last checkpoint, and ends with the
+    same weights and held-out score as the trained fixture's run, which was never interrupted (CPU
+    training with fixed seeds is deterministic): the best epoch's weights come back from Ray's copy,
+    the killed process's HF folder being gone."""
     from conftest import kill_with_its_ray, setup_run
     from nikl_ray.stages import train
 
@@ -196,22 +199,24 @@ def test_a_killed_driver_resumes_without_retraining_and_matches_an_uninterrupted
     exp, data = setup_run(yaml.safe_load(config.read_text()))
     pair, ref = exp.layout.pair, trained[0].layout.pair
     shutil.copytree(ref("neox-lora", 0), pair("neox-lora", 0))  # fold 0 is done: only fold 1 runs
+    reference = load_manifest(ref("neox-lora", 1))
+    assert reference["best_epoch"] < reference["epochs_run"], reference  # an epoch after the best is left to resume
     cmd = [sys.executable, "-m", "nikl_ray.cli", "train", "--config", str(config), "--local", "--num-cpus", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 400
-        while time.time() < deadline and not _registered_checkpoint(pair("neox-lora", 1)):
+        while time.time() < deadline and _registered_epoch(pair("neox-lora", 1)) < reference["best_epoch"]:
             assert proc.poll() is None, "training ended before it could be killed"
-            time.sleep(0.2)
+            time.sleep(0.05)
     finally:
         kill_with_its_ray(proc)  # the driver and the Ray instance it started
-    assert not (pair("neox-lora", 1) / "manifest.json").exists(), "fold 1 finished before the kill"
+    assert _registered_epoch(pair("neox-lora", 1)) < reference["epochs_run"], "killed after the last epoch"
     fold0 = (pair("neox-lora", 0) / "manifest.json").read_text()
 
     status = {r["fold"]: r["status"] for r in csv.DictReader(open(train.run(exp, data)))}
     assert status == {"0": "skipped (done)", "1": "trained"}
     assert (pair("neox-lora", 0) / "manifest.json").read_text() == fold0
-    resumed, reference = load_manifest(pair("neox-lora", 1)), load_manifest(ref("neox-lora", 1))
+    resumed = load_manifest(pair("neox-lora", 1))
     assert _resumed(read_history(_checkpoints(pair("neox-lora", 1))[-1])), "fold 1 started over instead of resuming"
     _same_adapter(pair("neox-lora", 1) / resumed["best_checkpoint"], ref("neox-lora", 1) / reference["best_checkpoint"])
     assert resumed["heldout_micro_f1"] == pytest.approx(reference["heldout_micro_f1"], abs=1e-6)
