@@ -188,13 +188,17 @@ class BackboneSpec(BaseModel):
 
 def quiet_transformers() -> None:
     """The per-load weight bars and "newly initialized head" reports are expected noise here, and so
-    are transformers' own deprecations raised from inside peft and HF Trainer."""
+    are transformers' own deprecations raised from inside peft and HF Trainer, and bitsandbytes'
+    note on CPUs with AVX512-BF16 that an optional `kernels` package is missing (once per process
+    that loads a model: every features task)."""
+    import logging
     import warnings
 
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
 
 
