@@ -172,6 +172,7 @@ def kill_with_its_ray(proc) -> None:
             pass
     proc.wait()
     _, alive = psutil.wait_procs(procs, timeout=30)
+    alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]  # dead, not yet reaped
     assert not alive, alive
 
 
