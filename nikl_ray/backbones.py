@@ -271,11 +271,11 @@ def load_for_classification(spec: BackboneSpec, num_labels: int, multi_label: bo
 
 
 def fp32_4bit_on_cpu(model) -> None:
-    """On CPUs with AVX512-BF16, bitsandbytes runs a 4-bit layer in eval mode without grad through a
-    bf16 kernel on repacked weights (and back to fp32 when its input needs grad, or for training): a
-    fold model's numbers would then depend on the CPU and on the path each layer took. Keep 4-bit
-    layers on CPU on the fp32 path, as training and machines without AVX512-BF16 run them (GPUs are
-    not affected: the flag is read for CPU inputs only)."""
+    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit layer's weights the first time it runs
+    in eval mode without grad, and from then on runs it through a bf16 kernel (training too, until a
+    save unpacks them): a fold model's numbers would depend on the CPU and on which layers were
+    repacked when. Keep 4-bit layers on CPU on the fp32 path, as machines without AVX512-BF16 run
+    them (GPUs are not affected: the flag is read for CPU inputs only)."""
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = False

@@ -249,16 +249,21 @@ def train_fold(config: dict) -> None:
 
     class BestKeptByRay(TrainerCallback):
         """A resumed run's HF state names its best epoch's checkpoint in the killed process's temporary
-        folder; HF forgets a folder that is gone and would end on the last epoch's weights. Ray kept
-        that epoch's checkpoint in the run's storage (RankForRay): HF loads it from there at the end."""
+        folder: gone (HF forgets it and would end on the last epoch's weights) or maybe half-deleted.
+        Ray holds that epoch's checkpoint (RankForRay): HF loads Ray's copy at the end."""
 
         def on_train_begin(self, args, state, control, **kw):
-            if state.best_model_checkpoint is not None or not state.best_global_step:
+            if not (checkpoint and state.best_global_step):
                 return
-            for kept in Path(run.storage, run.name).glob(f"checkpoint_*/{HF_CHECKPOINT}"):
-                saved = kept / "trainer_state.json"
-                if saved.exists() and json.loads(saved.read_text())["global_step"] == state.best_global_step:
-                    state.best_model_checkpoint = str(kept)
+            # the restored state's best step is at most the resumed step: none of this attempt's reports has it
+            kept = [c.checkpoint.path for c in ray.train.get_all_reported_checkpoints()
+                    if c.metrics.get("step") == state.best_global_step]
+            if kept:
+                state.best_model_checkpoint = os.path.join(kept[-1], HF_CHECKPOINT)
+            else:
+                log.warning("%s: Ray holds no checkpoint of the best epoch (step %d): the run ends on the last "
+                            "epoch's weights", run.name, state.best_global_step)
+                state.best_model_checkpoint = None
 
     class Progress(TrainerCallback):
         """One line per epoch (in the driver's console through Ray): loss and selection score."""
@@ -343,7 +348,7 @@ def train_fold(config: dict) -> None:
         held = embed(spec, tokenizer, model, data.inputs.take(run.heldout_idx), task.multi_label, batch_size=batch)
         final.update(heldout_report(held[1], data, run))
         # Which weights are in hand is certain only for one uninterrupted attempt: a resumed run has its
-        # best epoch's only where BestKeptByRay found Ray's copy, and an OOM retry's Ray run holds the
+        # best epoch's only if Ray still held them (BestKeptByRay), and an OOM retry's Ray run holds the
         # first attempt's checkpoints too. Otherwise the features stage computes them.
         if run.features is not None and not checkpoint and len(fits) == 1:
             write_features(run, data, spec, tokenizer, model, held, weights_step(trainer, select), batch)

@@ -172,7 +172,13 @@ def kill_with_its_ray(proc) -> None:
             pass
     proc.wait()
     _, alive = psutil.wait_procs(procs, timeout=30)
-    alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]  # dead, not yet reaped
+    def running(p) -> bool:  # a zombie is dead, just not yet reaped
+        try:
+            return p.status() != psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return False
+
+    alive = [p for p in alive if running(p)]
     assert not alive, alive
 
 
