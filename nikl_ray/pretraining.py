@@ -58,9 +58,6 @@ def pretrain_loop(config: dict) -> None:
     from transformers import (AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling,
                               PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed)
 
-    from nikl_ray.backbones import quiet_transformers
-
-    quiet_transformers()
     spec, cfg = run.backbone, run.backbone.pretrain
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     set_seed(cfg.seed)

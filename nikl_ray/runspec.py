@@ -38,7 +38,8 @@ class RowsPayload:
 
     @classmethod
     def of(cls, rows: Rows, test: Rows | None = None) -> "RowsPayload":
-        return cls(rows.ids, rows.inputs(), rows.labels, test.ids if test else [], test.inputs() if test else None)
+        return cls(rows.ids, rows.inputs(), rows.labels, test.ids if test is not None else [],
+                   test.inputs() if test is not None else None)
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nikl_ray.backbones import BackboneSpec
+from nikl_ray.backbones import BackboneSpec, quiet_transformers
 from nikl_ray.runspec import CHECKPOINT_RANK, HF_CHECKPOINT, MADE, SELECT_METRIC, FoldRun
 
 FINAL = "final.json"  # what a run says after training: held-out scores, degeneracy, time in the function
@@ -143,17 +143,15 @@ def read_history(checkpoint_dir: str | Path) -> list[dict]:
 
 
 def quiet_worker(needs_bitsandbytes: bool) -> None:
-    """Before the heavy imports of a Train worker (its own process): drop warnings a user cannot act on.
-
-    peft imports bitsandbytes eagerly (2–4 s, most of it torch.compile machinery) and bitsandbytes
-    then warns about an optional `kernels` package on some CPUs; a run that does not quantize
-    needs neither.
+    """Before the heavy imports of a Train worker (its own process): drop warnings a user cannot act on
+    (quiet_transformers), and bitsandbytes where the run does not quantize: peft imports it eagerly
+    (2–4 s, most of it torch.compile machinery).
     """
     import sys
 
-    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     if not needs_bitsandbytes and "bitsandbytes" not in sys.modules:
         sys.modules["bitsandbytes"] = None  # peft and transformers then see it as not installed
+    quiet_transformers()
 
 
 def in_ray_train() -> bool:
@@ -184,13 +182,12 @@ def train_fold(config: dict) -> None:
     from transformers import (DataCollatorWithPadding, EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback,
                               TrainingArguments, set_seed)
 
-    from nikl_ray.backbones import load_for_classification, load_tokenizer, quiet_transformers
+    from nikl_ray.backbones import load_for_classification, load_tokenizer
     from nikl_ray.encode import to_dataset
     from nikl_ray.members import embed
     from nikl_ray.decision import selection_score
     from nikl_ray.metrics import scores, to_probs
 
-    quiet_transformers()
     run: FoldRun = config["run"]
     spec, task = run.backbone, run.task
     data = ray.get(run.data) if isinstance(run.data, ray.ObjectRef) else run.data
