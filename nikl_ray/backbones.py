@@ -1,17 +1,10 @@
-"""Backbone specs and how each tuning mode loads a model.
+"""Backbone specs and loading a model for one of them.
 
-A backbone is a checkpoint (a local HF directory or a hub id) plus how to tune it:
-
-- `full`: every weight trained (encoders such as KoELECTRA, KLUE-RoBERTa).
-- `lora`: peft LoRA adapters on a 16-bit (GPU) or 32-bit (CPU) frozen base.
-- `qlora`: the base loaded in 4-bit NF4 by bitsandbytes, LoRA adapters on top.
-- `gptq`: a GPTQ-quantized checkpoint loaded by transformers' own GPTQ support, LoRA on top.
-- `prompt`: peft prompt tuning (decoders): `prompt_tokens` virtual token embeddings learned in
-  front of every row, and the classification head; the model itself stays frozen. (peft's
-  prefix tuning needs a `past_key_values` argument that transformers 5's GPT-NeoX no longer has.)
-
-Only the adapters (and the trained classification head and marker-token rows) are saved for
-the adapter modes; the full model for `full`. Weights are read and written as safetensors.
+A backbone is a checkpoint (a local HF directory or a hub id) plus how to tune it: its `mode`,
+one of the units in `nikl_ray.modes` (full, lora, qlora, gptq, prompt), which says how the model
+loads, what trains and what a fold checkpoint keeps (the full model for `full`; the adapters,
+the trained classification head and marker-token rows for the others). Weights are read and
+written as safetensors.
 """
 
 from __future__ import annotations
@@ -21,6 +14,8 @@ from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from nikl_ray.modes import MODES, mode_of
 
 MARKERS = ("<t1>", "<t2>")
 
@@ -95,7 +90,7 @@ class BackboneSpec(BaseModel):
     family: Literal["encoder", "decoder"] | None = Field(
         None, description="encoder (first-token pooling) or decoder (last-real-token pooling); "
                           "read from the checkpoint's model_type when left out.")
-    mode: Literal["full", "lora", "qlora", "gptq", "prompt"] = Field("full", description="Tuning mode.")
+    mode: Literal[tuple(MODES)] = Field("full", description="Tuning mode: " + ", ".join(MODES) + " (nikl_ray/modes/).")
     lora_r: int = Field(16, ge=1, le=1024, description="LoRA rank.")
     lora_alpha: int | None = Field(None, ge=1, description="LoRA alpha (scale = alpha / r); default lora_alpha_ratio × rank, "
                                                            "so the scale stays put while a search varies the rank.")
@@ -119,7 +114,7 @@ class BackboneSpec(BaseModel):
     loss: Literal["auto", "bce", "asl", "ce"] = Field("auto", description="auto: BCE for multi-label, CE for single-label; "
                                                                          "bce or asl (asymmetric loss): multi-label only; ce: single-label only.")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="auto: bf16 on GPUs that have it, else fp16; fp32 on CPU.")
-    gradient_checkpointing: bool | None = Field(None, description="Default: on for decoders on GPU.")
+    gradient_checkpointing: bool | None = Field(None, description="Default: on for decoders on GPU (checkpointing_on).")
     seed: int = 42
     oom_retry: bool = Field(False, description="On out-of-memory, retry at half the batch size with twice the gradient "
                                                "accumulation (same effective batch), down to batch size 1.")
@@ -142,9 +137,7 @@ class BackboneSpec(BaseModel):
             if mt is None:
                 raise ValueError(f"backbone {self.name}: give `family` (encoder|decoder); cannot read the checkpoint's model_type")
             self.family = "encoder" if mt in ENCODER_TYPES else "decoder"
-        if self.mode == "prompt" and self.family != "decoder":
-            raise ValueError(f"backbone {self.name}: mode prompt is for decoders (an encoder pools its first token, "
-                             "which would be a virtual one)")
+        mode_of(self).check(self)
         return self
 
     def model_type(self) -> str | None:
@@ -155,12 +148,19 @@ class BackboneSpec(BaseModel):
 
     @property
     def uses_lora(self) -> bool:
-        return self.mode in ("lora", "qlora", "gptq")
+        return mode_of(self).lora
 
     @property
     def uses_adapter(self) -> bool:
         """Only an adapter (and the head) trains and is saved; the checkpoint stays as it is."""
-        return self.mode != "full"
+        return mode_of(self).adapter
+
+    def checkpointing_on(self, gpu: bool) -> bool:
+        """Whether training uses gradient checkpointing: as set, else on for decoders on a GPU (the
+        one rule: the runs and the placement plan's memory estimate both ask here)."""
+        if self.gradient_checkpointing is not None:
+            return self.gradient_checkpointing
+        return gpu and self.family == "decoder"
 
     @property
     def alpha(self) -> float:
@@ -216,69 +216,37 @@ def load_tokenizer(spec: BackboneSpec):
 def with_padding_side(spec: BackboneSpec, tok):
     """With virtual tokens the model sees embeddings, not ids, and its head reads the last position:
     the last real token must be there. Set on every load: a saved tokenizer does not always keep it."""
-    if spec.mode == "prompt":
+    if mode_of(spec).virtual_tokens:
         tok.padding_side = "left"
     return tok
 
 
 def load_for_classification(spec: BackboneSpec, num_labels: int, multi_label: bool, tokenizer, *, precision: str = "fp32",
                             gradient_checkpointing: bool = False, adapter_dir: str | None = None):
-    """The model to train (or, with `adapter_dir`, a trained LoRA model to run) for `spec`'s mode.
-    `precision` and `gradient_checkpointing` come resolved (see runspec.resolve_precision)."""
+    """The model to train (or, with `adapter_dir`, a trained adapter model to run) for `spec`'s mode.
+    `precision` and `gradient_checkpointing` come resolved (runspec.Device.precision, checkpointing_on)."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
     quiet_transformers()
-    problem_type = "multi_label_classification" if multi_label else "single_label_classification"
-    kwargs = dict(num_labels=num_labels, problem_type=problem_type, trust_remote_code=spec.trust_remote_code,
-                  pad_token_id=tokenizer.pad_token_id)
+    mode = mode_of(spec)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    if spec.mode == "qlora":
-        from transformers import BitsAndBytesConfig
-
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=dtype if dtype != torch.float16 else torch.float16)
-    elif spec.mode == "gptq":
-        from transformers.utils import is_gptqmodel_available, is_optimum_available
-
-        if not (is_gptqmodel_available() and is_optimum_available()):
-            raise RuntimeError(f"backbone {spec.name}: mode gptq needs a GPTQ backend: pip install optimum gptqmodel")
-    if spec.mode in ("lora", "gptq") and dtype != torch.float32:
-        kwargs["dtype"] = dtype  # frozen base in 16-bit; trainable adapters stay fp32 under peft
-    model = AutoModelForSequenceClassification.from_pretrained(spec.checkpoint, **kwargs)
-    if spec.mode == "qlora":
-        fp32_4bit_on_cpu(model)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        spec.checkpoint, num_labels=num_labels, trust_remote_code=spec.trust_remote_code, pad_token_id=tokenizer.pad_token_id,
+        problem_type="multi_label_classification" if multi_label else "single_label_classification",
+        **mode.load_kwargs(spec, dtype))
+    mode.after_load(model)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # marker tokens added (padded vocabularies stay)
         model.resize_token_embeddings(len(tokenizer))
     model.config.pad_token_id = tokenizer.pad_token_id
-    if not spec.uses_adapter:
+    if not mode.adapter:
         return model
-    from peft import LoraConfig, PeftModel, PromptTuningConfig, TaskType, get_peft_model, prepare_model_for_kbit_training
-
-    if spec.mode in ("qlora", "gptq"):
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    model = mode.prepare(model, gradient_checkpointing)
     if adapter_dir is not None:
+        from peft import PeftModel
+
         return PeftModel.from_pretrained(model, adapter_dir)
-    if spec.mode == "prompt":
-        return get_peft_model(model, PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=spec.prompt_tokens))
-    marker_ids = [tokenizer.convert_tokens_to_ids(m) for m in MARKERS] if spec.uses_markers else None
-    config = LoraConfig(task_type=TaskType.SEQ_CLS, r=spec.lora_r, lora_alpha=spec.alpha,
-                        lora_dropout=spec.lora_dropout, target_modules=spec.resolved_lora_targets(),
-                        # the marker tokens' embedding rows are new: train (and save) just those rows
-                        trainable_token_indices=marker_ids)
-    return get_peft_model(model, config)
-
-
-def fp32_4bit_on_cpu(model) -> None:
-    """On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit layer's weights the first time it runs
-    in eval mode without grad, and from then on runs it through a bf16 kernel (training too, until a
-    save unpacks them): a fold model's numbers would depend on the CPU and on which layers were
-    repacked when. Keep 4-bit layers on CPU on the fp32 path, as machines without AVX512-BF16 run
-    them (GPUs are not affected: the flag is read for CPU inputs only)."""
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+    return mode.adapt(model, spec, tokenizer)
 
 
 def load_trained(spec: BackboneSpec, checkpoint_dir: str | Path, num_labels: int, multi_label: bool, *,
@@ -288,7 +256,7 @@ def load_trained(spec: BackboneSpec, checkpoint_dir: str | Path, num_labels: int
 
     quiet_transformers()
     tokenizer = with_padding_side(spec, AutoTokenizer.from_pretrained(checkpoint_dir))  # saved with its marker tokens
-    if spec.uses_adapter:
+    if mode_of(spec).adapter:
         model = load_for_classification(spec, num_labels, multi_label, tokenizer, precision=precision,
                                         adapter_dir=str(checkpoint_dir))
     else:

@@ -23,6 +23,7 @@ import numpy as np
 from nikl_ray.backbones import BackboneSpec
 from nikl_ray.data import TextRows
 from nikl_ray.metrics import sigmoid, to_probs
+from nikl_ray.modes import mode_of
 
 log = logging.getLogger(__name__)
 CLASSICAL = "tfidf-lr"
@@ -60,7 +61,7 @@ def embed(spec: BackboneSpec, tokenizer, model, rows: TextRows, multi_label: boo
     enc = encode(tokenizer, spec, rows)
     lengths = np.array([len(ids) for ids in enc["input_ids"]])
     order = np.argsort(lengths, kind="stable")
-    if spec.mode == "prompt":
+    if mode_of(spec).virtual_tokens:
         # left padding shifts a row's positions behind the virtual tokens: batch equal lengths only,
         # so a row gets the same output whatever rows come with it
         batches = [chunk for group in np.split(order, np.flatnonzero(np.diff(lengths[order])) + 1)

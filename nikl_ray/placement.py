@@ -2,34 +2,37 @@
 
 A trial's footprint on a card is what PyTorch's allocator holds at its peak (estimated below)
 plus what the process holds outside the allocator: the CUDA context, cuBLAS workspaces and
-allocator slack, reserved as `CONTEXT_GB` per process (≈ 1.15 GB measured per process on an
-H200 with torch 2.11 / CUDA 13 in the run recorded in issue 13; `benchmarks/gpu_packing.py`
-measures it again on any card).
+allocator slack, reserved as `CONTEXT_GB` per process: on an H200 (torch 2.11 / CUDA 13) a
+`nikl-ray pipeline --local` run saw ≈ 1.15 GB per process beside torch's peak, and
+`benchmarks/gpu_packing.py` 0.97–1.03 GB (NVML peak − torch peak; benchmarks/README.md). The
+benchmark measures it again on any card.
 
 `card_gb` is a *budget per card*; by default the smallest card the cluster reports. With k
 trials per card (share 1/k: Ray adds fractions across the whole cluster, so a share that does
 not tile one card can place more trials than fit on any one card, ray-project/ray#5902), each
 trial's allocator is capped at `(budget / k − CONTEXT_GB) / physical card memory` with
 `torch.cuda.set_per_process_memory_fraction` (a fraction of the *physical* card, and blind to
-the context). So a 24 GB plan exercised on an 80 GB card keeps every trial inside what it would
-have on a 24 GB one.
+the context; applied in each process by `cap_memory`). So a 24 GB plan exercised on an 80 GB card
+keeps every trial inside what it would have on a 24 GB one.
 
 The allocator estimate (bytes), for one training process:
-- weights at their precision (fp32 for full fine-tuning; 16-bit for LoRA on a GPU; ~0.56
-  byte/param for 4-bit NF4 with double quantization, embeddings in fp32 as k-bit training keeps them),
-- trainable parameters × 16 bytes (fp32 weight, gradient, two Adam moments),
+- weights at their precision and the trainable parameters × 16 bytes (fp32 weight, gradient, two
+  Adam moments), each tuning mode's own terms (`Mode.memory_terms` in nikl_ray/modes/),
 - activations: 34·s·b·h bytes per layer at 16-bit (Korthikanti et al., 2022, without the
   attention-score term that SDPA attention never materialises), or about 2·s·b·h per layer
   with gradient checkpointing plus one layer in full,
 - then a 10% margin.
-Measured against it on an H200 (issue 13): RoBERTa-base full FT at 32 × 128 peaked at 2.58 GB
-(estimate 3.6 GB); a 1.3B GPT-NeoX in QLoRA r=64 at 8 × 128 at 1.90 GB (estimate 2.0 GB).
+Measured against it on an H200 (torch's peak allocated): RoBERTa-base full FT at 32 × 128 peaked
+at 2.58 GB in that pipeline run and 2.40 GB in `benchmarks/gpu_packing.py` (estimate 3.6 GB); a
+1.3B GPT-NeoX in QLoRA r=64 at 8 × 128 at 1.90 GB in both (estimate 2.0 GB).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
+from nikl_ray.modes import mode_of
 
 GiB = 1024**3
 CONTEXT_GB = 1.25  # per process, outside the allocator (see the module docstring)
@@ -73,21 +76,23 @@ def estimate_memory_bytes(shape: ModelShape, *, mode: str, batch_size: int, max_
                           lora_r: int = 16, lora_targets: list[str] | None = None,
                           gradient_checkpointing: bool = False, prompt_tokens: int = 0) -> float:
     """Peak bytes PyTorch's allocator holds while training (the CUDA context is not included)."""
-    embed = shape.vocab * shape.hidden
-    if mode == "full":
-        weights, trainable = shape.params * 4, shape.params
-    elif mode == "prompt":  # a frozen 16-bit model, the virtual tokens in front of every row
-        weights, trainable = shape.params * 2, prompt_tokens * shape.hidden
-        max_length += prompt_tokens
-    else:
-        body = shape.params - embed
-        # k-bit training (peft's prepare_model_for_kbit_training) keeps the unquantized weights in fp32
-        weights = (body * 0.5625 + embed * 4) if mode in ("qlora", "gptq") else shape.params * 2
-        trainable = lora_params(shape, lora_targets or ["query", "value"], lora_r)
-    s, b, h, L = max_length, batch_size, shape.hidden, shape.layers
+    terms = mode_of(mode).memory_terms(shape, lora_r=lora_r, lora_targets=lora_targets, prompt_tokens=prompt_tokens)
+    s, b, h, L = max_length + terms.extra_tokens, batch_size, shape.hidden, shape.layers
     per_layer = 34 * s * b * h
     activations = (2 * s * b * h * L + per_layer) if gradient_checkpointing else per_layer * L
-    return (weights + trainable * 16 + activations) * 1.10
+    return (terms.weights_bytes + terms.trainable_params * 16 + activations) * 1.10
+
+
+def cap_memory(fraction: float | None, device: str) -> None:
+    """Keep this process's allocator inside its planned share of the card (Placement.memory_fraction):
+    Ray's fractional GPU only schedules. Called by every process that runs a model on a card (a
+    Train worker, a features task, a head task)."""
+    if device != "cuda" or not fraction:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.set_per_process_memory_fraction(fraction)
 
 
 @dataclass(frozen=True)
@@ -188,7 +193,8 @@ class ClusterShape:
 
 
 def estimate_for(spec, device) -> float:
-    """The allocator estimate (bytes) of training `spec` on `device` (a runspec.Device)."""
+    """The allocator estimate (bytes) of training `spec` on a card (`device`, a runspec.Device: a simulated
+    GPU cluster is planned as a real one, so its checkpointing is that of a GPU run)."""
     from transformers import AutoConfig
 
     from nikl_ray.backbones import count_params
@@ -196,11 +202,7 @@ def estimate_for(spec, device) -> float:
     config = AutoConfig.from_pretrained(spec.checkpoint, trust_remote_code=spec.trust_remote_code)
     shape = ModelShape.from_config(config, count_params(spec))
     return estimate_memory_bytes(shape, mode=spec.mode, batch_size=spec.batch_size, max_length=spec.max_length,
-                                 lora_r=spec.lora_r, lora_targets=spec.resolved_lora_targets() if spec.uses_lora else None,
-                                 prompt_tokens=spec.prompt_tokens if spec.mode == "prompt" else 0,
-                                 gradient_checkpointing=device.gradient_checkpointing(spec) if device.device == "cuda"
-                                 else spec.family == "decoder" if spec.gradient_checkpointing is None
-                                 else spec.gradient_checkpointing)
+                                 gradient_checkpointing=spec.checkpointing_on(gpu=True), **mode_of(spec).memory_knobs(spec))
 
 
 def plan(specs: list, resources, shape: ClusterShape, device) -> dict[str, Placement]:

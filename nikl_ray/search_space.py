@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from nikl_ray.backbones import BackboneSpec
 from nikl_ray.config import ConfigError
+from nikl_ray.modes import mode_of
 
 SEARCH_SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 NOT_SEARCHABLE = {"name", "checkpoint", "family", "mode", "trust_remote_code", "params"}
@@ -80,8 +81,7 @@ def _message(err: dict) -> str:
 
 
 def default_space_path(spec: BackboneSpec) -> Path:
-    kind = {"full": "full", "prompt": "prompt"}.get(spec.mode, "lora")
-    return SEARCH_SPACES / f"{spec.family}_{kind}.yaml"
+    return SEARCH_SPACES / f"{spec.family}_{mode_of(spec).search_space}.yaml"
 
 
 def load_search_space(path: str | Path, base: BackboneSpec) -> dict[str, Distribution]:
