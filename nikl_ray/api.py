@@ -1,23 +1,68 @@
-"""The stages in order, each skipped when its manifest is complete: one entry for the CLI and the ray jobs.
+"""The stages as functions of a Run (nikl_ray.run.open_run), and all of them in order:
 
     split → (pretrain) → (tune) → train → features → ensemble → submit
 
-Every stage is `run(exp, data, …)` from nikl_ray.stages: it reads the artifacts of the stages
-before it (through the experiment's Layout), writes its own with a manifest, skips itself when
-that manifest matches, and resumes when it was cut off.
+Each stage reads the artifacts of the stages before it (through the run's Layout), writes its
+own with a manifest, skips itself when that manifest matches, and resumes when it was cut off.
+A stage reads `run.exp` when it starts, so it runs on whatever pretraining and searches have
+finished by then, whichever command or job ran them. Ray must be connected first
+(`nikl_ray.run.connect`) for every stage but `split`.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 
-from nikl_ray.config import Experiment, apply_pretrained, apply_tuned, build_tiny
-from nikl_ray.inputs import load_inputs
+from nikl_ray.artifacts import read_json
+from nikl_ray.run import Run
 
 log = logging.getLogger(__name__)
+
+
+def split(run: Run) -> dict:
+    """The fold manifest (made when the run was opened; made again if the rows changed since)."""
+    from nikl_ray.stages import split as stage
+
+    return stage.run(run.config, run.inputs.rows)
+
+
+def pretrain(run: Run, backbones: list[str] | None = None) -> dict[str, Path]:
+    """Continue pretraining every backbone with a `pretrain:` section; {backbone: its checkpoint}."""
+    from nikl_ray.stages import pretrain as stage
+
+    return stage.run(run.untuned, backbones=backbones)
+
+
+def tune(run: Run, backbone: str, *, space: str | Path | None = None, **search) -> Path:
+    """Search `backbone`'s space (`search` overrides the experiment's `search:` keys); its best_config.yaml."""
+    from nikl_ray.stages import tune as stage
+
+    exp = run.untuned  # a search starts from the experiment's own values
+    exp = exp.model_copy(update={"search": exp.search.model_copy(update={k: v for k, v in search.items() if v is not None})})
+    return stage.run(exp, run.inputs, backbone, space_path=space)
+
+
+def train(run: Run, backbones: list[str] | None = None) -> Path:
+    """Train every fold × backbone not done yet; the train table."""
+    from nikl_ray.stages import train as stage
+
+    return stage.run(run.exp, run.inputs, backbones=backbones)
+
+
+def features(run: Run) -> Path:
+    """Every fold model's out-of-fold and test features; the features root."""
+    from nikl_ray.stages import features as stage
+
+    return stage.run(run.exp, run.inputs)
+
+
+def ensemble(run: Run) -> Path:
+    """The heads, every candidate compared, the report, the submission and the run's record; the report."""
+    from nikl_ray.stages import ensemble as stage
+
+    return stage.run(run.exp, run.inputs)
 
 
 class Clock:
@@ -34,36 +79,27 @@ class Clock:
         return out
 
 
-def run_pipeline(exp: Experiment, *, tune: bool = False) -> dict:
-    """Every stage in order; returns where things are and how long each stage took."""
-    from nikl_ray.stages import ensemble, features, pretrain, split, train
-    from nikl_ray.stages import tune as tune_stage
-
+def pipeline(run: Run, *, tune_first: bool = False) -> dict:
+    """Every stage in order (searches first with `tune_first`); where things are and each stage's time."""
     clock = Clock()
-    data = clock("load", load_inputs, exp)
-    clock("split", split.run, exp, data.rows)
-    exp = build_tiny(exp)
-    if any(b.pretrain for b in exp.backbones):
-        clock("pretrain", pretrain.run, exp)
-    exp = apply_pretrained(exp)
-    if tune:
-        for spec in exp.backbones:
-            if spec.name in exp.search_spaces:
-                clock(f"tune {spec.name}", tune_stage.run, exp, data, spec.name)
-    exp = apply_tuned(exp)
-    summary = clock("train", train.run, exp, data)
-    clock("features", features.run, exp, data)
-    report = clock("ensemble", ensemble.run, exp, data)
-    decision = json.loads(exp.layout.decision.read_text())
-    out = {"results": exp.results, "train_summary": summary, "report": report, "plot": report.with_suffix(".png"),
-           "submission": exp.layout.submission(ensemble.submission_suffix(exp)) if data.test is not None else None,
-           "chosen": decision["candidate"], "stage_seconds": clock.seconds}
-    log_summary(out)
+    clock("split", split, run)
+    if any(b.pretrain for b in run.config.backbones):
+        clock("pretrain", pretrain, run)
+    if tune_first:
+        for name in run.config.search_spaces:
+            clock(f"tune {name}", tune, run, name)
+    summary = clock("train", train, run)
+    clock("features", features, run)
+    report = clock("ensemble", ensemble, run)
+    layout = run.layout
+    out = {"results": run.results, "train_summary": summary, "report": report, "plot": layout.report_plot,
+           "submission": layout.submission(run.config.task.suffix) if run.inputs.test is not None else None,
+           "chosen": read_json(layout.decision)["candidate"], "stage_seconds": clock.seconds}
+    log_summary(out, read_json(layout.report_json))
     return out
 
 
-def log_summary(out: dict) -> None:
-    report = json.loads(Path(out["report"]).with_suffix(".json").read_text())
+def log_summary(out: dict, report: dict) -> None:
     c, metric = report["chosen"], report["metric"]
     lines = ["=== summary ===",
              "stage times: " + ", ".join(f"{k} {v:.1f} s" for k, v in out["stage_seconds"].items()),

@@ -1,12 +1,14 @@
-"""`nikl-ray`: one command per stage, the same functions the ray jobs call.
+"""`nikl-ray`: one command per stage, the same functions (nikl_ray.api) the ray jobs call.
 
     nikl-ray demo                                          # everything, on the shipped demo data
     nikl-ray pipeline --config my.yaml --local             # split → (pretrain) → (tune) → train → features → ensemble
     nikl-ray train --config my.yaml --local                # one stage
     nikl-ray status --config my.yaml                       # where a run stands (from another shell too)
+    nikl-ray predict --results results/nikl --text "…"     # a finished run needs only its results folder
     ray job submit --runtime-env ray_jobs/runtime_env.yaml -- python ray_jobs/pipeline.py --config my.yaml  # cluster
 
 `--local` starts a Ray instance on this machine; without it we join the running cluster.
+Every command opens its run through `nikl_ray.open_run`, as a Python program would.
 """
 
 from __future__ import annotations
@@ -39,67 +41,51 @@ def setup_logging(verbosity: int) -> None:
     root.propagate = False
 
 
-def _experiment(args):
+def _run(args, *, build: bool = True):
+    """The run a command works on (nikl_ray.run.open_run), and Ray when the command has Ray flags."""
+    from nikl_ray.run import connect, open_run
+
+    run = open_run(args.config, args.results, build=build)
+    if hasattr(args, "local"):
+        connect(run, local=args.local, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+    return run
+
+
+def _finished(args):
+    """The finished run a command answers with: `--results DIR` alone, or the results root `--config` names."""
     from nikl_ray.config import load_experiment
+    from nikl_ray.predictor import Predictor
 
-    overrides = {"results": args.results} if getattr(args, "results", None) else None
-    return load_experiment(args.config, overrides)
-
-
-def _connect(args, exp) -> None:
-    from nikl_ray.cluster import check_shared_storage, connect, dashboard_url
-    from nikl_ray.status import record_dashboard
-
-    connect(local=args.local, num_cpus=getattr(args, "num_cpus", None), num_gpus=getattr(args, "num_gpus", None))
-    check_shared_storage(exp.results)
-    record_dashboard(exp.layout, dashboard_url())
-
-
-def _prepared(args, *, tuned: bool = True):
-    """What every stage command starts from: the experiment (tiny backbones built, tuned values
-    applied unless `tuned` is False), its validated rows with their folds, and Ray."""
-    from nikl_ray.config import apply_tuned, build_tiny
-    from nikl_ray.inputs import load_inputs
-    from nikl_ray.stages import split
-
-    exp = _experiment(args)
-    data = load_inputs(exp)
-    split.run(exp, data.rows)
-    _connect(args, exp)
-    exp = build_tiny(exp)
-    return (apply_tuned(exp) if tuned else exp), data
+    if not (args.results or args.config):
+        raise SystemExit("give --results DIR (a finished run's results root) or --config")
+    return Predictor.load(args.results or load_experiment(args.config).results)
 
 
 def cmd_validate(args) -> int:
     """Check the experiment and its data; write nothing."""
-    from nikl_ray.inputs import load_inputs
-
-    exp = _experiment(args)
-    data = load_inputs(exp)
-    print(f"ok: {len(data.rows)} labelled rows, {len(data.test) if data.test else 0} test rows, "
-          f"{len(exp.backbones)} backbone(s): {', '.join(b.name for b in exp.backbones)}")
+    run = _run(args, build=False)
+    test = run.inputs.test
+    print(f"ok: {len(run.inputs.rows)} labelled rows, {len(test) if test else 0} test rows, "
+          f"{len(run.config.backbones)} backbone(s): {', '.join(b.name for b in run.config.backbones)}")
     return 0
 
 
 def cmd_split(args) -> int:
-    from nikl_ray.inputs import load_inputs
-    from nikl_ray.stages import split
-
-    exp = _experiment(args)
-    folds = split.run(exp, load_inputs(exp).rows)
-    print(f"folds: {exp.layout.folds} ({folds['k']} folds)")
+    run = _run(args)
+    print(f"folds: {run.layout.folds} ({run.folds['k']} folds)")
     return 0
 
 
 def cmd_plan(args) -> int:
     """The placement plan for this machine, or for `--gpus N` cards, without starting Ray."""
-    from nikl_ray.config import build_tiny
+    import os
+
     from nikl_ray.placement import Card, ClusterShape, format_plan, plan
     from nikl_ray.runspec import Device
     from nikl_ray.search_space import load_search_space, memory_corner
 
-    exp = build_tiny(_experiment(args))
-    cpus = args.cpus or float(__import__("os").cpu_count())
+    exp = _run(args).exp
+    cpus = args.cpus or float(os.cpu_count())
     if args.gpus is None:
         import torch
 
@@ -137,116 +123,103 @@ def cmd_make_backbones(args) -> int:
 
 
 def cmd_pretrain(args) -> int:
-    from nikl_ray.config import build_tiny
-    from nikl_ray.stages import pretrain
+    from nikl_ray.api import pretrain
 
-    exp = _experiment(args)
-    _connect(args, exp)
-    for name, path in pretrain.run(build_tiny(exp), backbones=args.backbone).items():
+    for name, path in pretrain(_run(args), backbones=args.backbone).items():
         print(f"{name}: {path}")
     return 0
 
 
 def cmd_train(args) -> int:
-    from nikl_ray.stages import train
+    from nikl_ray.api import train
 
-    exp, data = _prepared(args)
-    print(f"train table: {train.run(exp, data, backbones=args.backbone)}")
+    print(f"train table: {train(_run(args), backbones=args.backbone)}")
     return 0
 
 
 def cmd_tune(args) -> int:
-    from nikl_ray.config import apply_tuned
-    from nikl_ray.stages import tune
+    from nikl_ray.api import tune
 
-    exp, data = _prepared(args, tuned=False)  # a search starts from the experiment's own values
+    run = _run(args)
     flags = {k: getattr(args, k) for k in ("num_samples", "fold", "grace_period", "prune_metric", "seed", "max_concurrent")}
-    exp = exp.model_copy(update={"search": exp.search.model_copy(update={k: v for k, v in flags.items() if v is not None})})
-    for name in args.backbone or list(exp.search_spaces) or [b.name for b in exp.backbones]:
-        tune.run(exp, data, name, space_path=args.space)
-    apply_tuned(exp)  # logs what later stages will use
+    for name in args.backbone or list(run.config.search_spaces) or [b.name for b in run.config.backbones]:
+        tune(run, name, space=args.space, **flags)
+    run.exp  # noqa: B018 - logs the tuned values later stages will use
     return 0
 
 
 def cmd_features(args) -> int:
-    from nikl_ray.stages import features
+    from nikl_ray.api import features
 
-    exp, data = _prepared(args)
-    print(f"features: {features.run(exp, data)}")
+    print(f"features: {features(_run(args))}")
     return 0
 
 
 def cmd_ensemble(args) -> int:
-    from nikl_ray.stages import ensemble
+    from nikl_ray.api import ensemble
 
-    exp, data = _prepared(args)
-    print(f"report: {ensemble.run(exp, data)}")
+    print(f"report: {ensemble(_run(args))}")
     return 0
 
 
 def cmd_pipeline(args) -> int:
-    from nikl_ray.pipeline import run_pipeline
+    from nikl_ray.api import pipeline
 
-    exp = _experiment(args)
-    _connect(args, exp)
-    run_pipeline(exp, tune=args.tune)
+    pipeline(_run(args), tune_first=args.tune)
     return 0
 
 
 def cmd_demo(args) -> int:
     """The whole pipeline on the shipped demo data with tiny backbones, on this machine."""
-    args.config, args.local, args.tune = str(EXAMPLE), True, False
+    args.config, args.local, args.tune, args.num_gpus = str(EXAMPLE), True, False, None
     args.results = args.results or "results/demo"
     code = cmd_pipeline(args)
-    flags = f"--config {EXAMPLE} --results {args.results}"
+    results = f"--results {args.results}"
     print(f"\nNext, with the finished demo run:\n"
-          f"  nikl-ray explain {flags} --text '오늘 경기 보고 진짜 너무 무서워'\n"
-          f"  nikl-ray serve {flags} --local\n"
+          f"  nikl-ray explain {results} --text '오늘 경기 보고 진짜 너무 무서워'\n"
+          f"  nikl-ray serve {results} --local\n"
           f"  curl -s 127.0.0.1:8000/predict -H 'Content-Type: application/json' -d '{{\"text\": \"새 앨범 빨리 듣고 싶다\"}}'"
           f"      # while it serves, from another shell\n"
-          f"  nikl-ray select {flags} --pool {EXAMPLE.parent.parent / 'demo_data' / 'test.jsonl'} --n 20")
+          f"  nikl-ray select {results} --pool {EXAMPLE.parent.parent / 'demo_data' / 'test.jsonl'} --n 20")
     return code
 
 
 def cmd_predict(args) -> int:
-    from nikl_ray.config import prepare
-    from nikl_ray.predictor import Predictor
+    import json
 
-    predictor = Predictor.load(prepare(_experiment(args)))
-    probs, labels = predictor.predict_text(args.text, args.target)
-    for name, p in probs.items():
-        print(f"{name:<14} {p:.3f}{'  ✓' if name in labels else ''}")
-    print(f"labels: {', '.join(labels) or '(none)'}   ({predictor.candidate}, rule {predictor.rule})")
+    predictor = _finished(args)
+    answer = predictor.answer(predictor.rows_of([args.text], [args.target]), candidate=args.candidate)[0]
+    if args.json:
+        print(json.dumps(answer, ensure_ascii=False))
+        return 0
+    for name, p in answer["probabilities"].items():
+        print(f"{name:<14} {p:.3f}{'  ✓' if name in answer['labels'] else ''}")
+    print(f"labels: {', '.join(answer['labels']) or '(none)'}   ({answer['candidate']}, rule {answer['rule']})")
     return 0
 
 
 def cmd_explain(args) -> int:
-    from nikl_ray.config import prepare
     from nikl_ray.explain import explain, write_html
-    from nikl_ray.predictor import Predictor
 
-    exp = prepare(_experiment(args))
-    e = explain(Predictor.load(exp), args.text, args.target)
+    predictor = _finished(args)
+    e = explain(predictor, args.text, args.target)
     for label in e.labels:
         print(f"{label:<14} {e.probs[label]:.3f}  {e.marked(label)}")
     if not e.labels:
         print("(no label predicted)")
-    path = write_html(e, args.html or exp.layout.ensemble / "explain.html")
+    path = write_html(e, args.html or predictor.layout.explanation)
     print(f"highlights: {path}")
     return 0
 
 
 def cmd_select(args) -> int:
-    from nikl_ray.config import prepare
     from nikl_ray.data import read_rows
-    from nikl_ray.predictor import Predictor
     from nikl_ray.select import rank, write_selection
 
-    exp = prepare(_experiment(args))
-    pool = read_rows(args.pool, exp.task, labelled=False)
-    ranked = rank(Predictor.load(exp), pool, read_rows(exp.train, exp.task).texts, args.rarity_weight)
-    suffix = ".txt" if exp.task.format == "tsv" else ".jsonl"
-    path = write_selection(pool, ranked, args.n, args.out or exp.layout.root / "selection" / f"next_{args.n}{suffix}")
+    predictor = _finished(args)
+    pool = read_rows(args.pool, predictor.task, labelled=False)
+    ranked = rank(predictor, pool, args.rarity_weight)
+    path = write_selection(pool, ranked, args.n, args.out or predictor.layout.selection(f"next_{args.n}{predictor.task.suffix}"))
     for r in ranked[:5]:
         print(f"{r['score']:.3f} (uncertainty {r['uncertainty']:.2f}, rarity {r['rarity']:.2f})  {pool.texts[r['index']][:60]}")
     print(f"{min(args.n, len(ranked))} of {len(pool)} rows to label next: {path}")
@@ -254,35 +227,35 @@ def cmd_select(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    import time
+    from nikl_ray.run import connect
+    from nikl_ray.serve import serve_run
 
-    from nikl_ray.serve import deploy
-
-    exp = _experiment(args)
-    _connect(args, exp)
-    url = deploy(args.config, exp.results, host=args.host, port=args.port, replicas=args.replicas)
-    print(f"serving {exp.results} at {url}  (GET {url}/health, POST {url}/predict)")
-    print(f"""  curl -s {url}/predict -H 'Content-Type: application/json' -d '{{"text": "오늘 영화 너무 좋다", "explain": true}}'""")
-    if args.local:  # the local Ray instance lives as long as this process
-        try:
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            pass
+    results = _finished(args).layout.root  # fails here, before Ray starts, when there is no finished run
+    connect(local=args.local, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+    serve_run(results, host=args.host, port=args.port, replicas=args.replicas, block=args.local)
     return 0
+
+
+def serve_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
+    p.add_argument("--replicas", type=int, default=1, help="copies of the deployment (default 1)")
 
 
 def cmd_status(args) -> int:
     from nikl_ray.status import print_status, run_status
 
-    status = run_status(_experiment(args), ray_address=args.address)
+    status = run_status(_run(args, build=False).config, ray_address=args.address)
     print_status(status, as_json=args.json)
     return 1 if status["failed"] else 0
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+def _add_run(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="experiment YAML")
     p.add_argument("--results", help="results root (overrides the experiment's)")
+
+
+def _add_ray(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local", action="store_true", help="start a Ray instance on this machine instead of joining a cluster")
     p.add_argument("--num-cpus", type=int, help="with --local: CPUs Ray may use (default: all)")
     p.add_argument("--num-gpus", type=int, help="with --local: cards Ray offers (default: all). More than the machine "
@@ -290,40 +263,48 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                                                 "resources.card_gb), the training on the CPU")
 
 
+def _add_finished(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--results", help="a finished run's results root (all that is needed)")
+    p.add_argument("--config", help="or the experiment YAML whose results root holds the finished run")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from nikl_ray import __version__
+
     parser = argparse.ArgumentParser(prog="nikl-ray", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"nikl-ray {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log (debug)")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    def command(name, fn, help, common=True):
-        p = sub.add_parser(name, help=help)
-        if common:
-            _add_common(p)
+    def command(name, fn, help, *parts):
+        p = sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".")
+        for part in parts:
+            part(p)
         p.set_defaults(fn=fn)
         return p
 
-    command("validate", cmd_validate, "check an experiment file and its data; writes nothing")
-    command("split", cmd_split, "make the stratified K-fold manifest (held-out and selection rows)")
-    p = command("plan", cmd_plan, "print how trials share this machine's cards, or --gpus N cards (no Ray needed)", False)
-    p.add_argument("--config", required=True)
-    p.add_argument("--results", help="results root (overrides the experiment's)")
+    command("validate", cmd_validate, "check an experiment file and its data; writes nothing", _add_run)
+    command("split", cmd_split, "make the stratified K-fold manifest (held-out and selection rows)", _add_run)
+    p = command("plan", cmd_plan, "print how trials share this machine's cards, or --gpus N cards (no Ray needed)",
+                _add_run)
     p.add_argument("--gpus", type=float, help="plan for this many cards instead of this machine's (0: a CPU plan)")
     p.add_argument("--card-gb", type=float, help="with --gpus: memory budget per card (default: the experiment's card_gb)")
     p.add_argument("--cpus", type=float, help="CPUs to plan for (default: this machine's)")
     p = command("make-backbones", cmd_make_backbones, "build tiny random-init HF backbones with a tokenizer trained on "
-                                                        "the task's text", False)
-    p.add_argument("--task", default="nikl-emotion")
-    p.add_argument("--data", nargs="+", default=[str(Path(__file__).parent / "demo_data" / "train.jsonl")])
-    p.add_argument("--out", required=True)
-    p.add_argument("--kinds", nargs="+", default=["electra", "roberta", "gpt_neox", "llama"])
+                                                        "the task's text")
+    p.add_argument("--task", default="nikl-emotion", help="the task whose text trains the tokenizer")
+    p.add_argument("--data", nargs="+", default=[str(Path(__file__).parent / "demo_data" / "train.jsonl")],
+                   help="its data files (default: the demo data)")
+    p.add_argument("--out", required=True, help="folder to write one checkpoint per kind into")
+    p.add_argument("--kinds", nargs="+", default=["electra", "roberta", "gpt_neox", "llama"], help="which kinds")
     p = command("pretrain", cmd_pretrain, "continue pretraining backbones on unlabeled text (their `pretrain:`), "
-                                          "on several Ray Train workers")
+                                          "on several Ray Train workers", _add_run, _add_ray)
     p.add_argument("--backbone", action="append", help="only this backbone (repeatable)")
-    p = command("train", cmd_train, "train every fold × backbone as Ray Train runs")
+    p = command("train", cmd_train, "train every fold × backbone as Ray Train runs", _add_run, _add_ray)
     p.add_argument("--backbone", action="append", help="only this backbone (repeatable)")
     p = command("tune", cmd_tune, "Ray Tune + Optuna search per backbone; leaderboard and best_config.yaml "
-                                  "(a finished search is skipped, a cut-off one resumed)")
+                                  "(a finished search is skipped, a cut-off one resumed)", _add_run, _add_ray)
     p.add_argument("--backbone", action="append", help="backbone to tune (repeatable; default: those with a search space)")
     p.add_argument("--space", help="search space YAML (default: the experiment's, else search_spaces/<family>_<mode>.yaml)")
     # each flag overrides the experiment's `search:` section (config.SearchConfig documents them)
@@ -333,60 +314,86 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prune-metric", help="what ASHA compares (default: the selection score eval_score; or eval_loss)")
     p.add_argument("--seed", type=int, help="TPE sampler seed (default 0)")
     p.add_argument("--max-concurrent", type=int, help="run at most this many trials at once (default: all that fit)")
-    command("features", cmd_features, "out-of-fold and test features of every fold model")
-    command("ensemble", cmd_ensemble, "train the stacked heads, compare every candidate, write report and submissions")
+    command("features", cmd_features, "out-of-fold and test features of every fold model", _add_run, _add_ray)
+    command("ensemble", cmd_ensemble, "train the stacked heads, compare every candidate, write report and submissions",
+            _add_run, _add_ray)
     p = command("pipeline", cmd_pipeline, "split → (pretrain) → (tune) → train → features → ensemble → submit, "
-                                          "skipping finished stages")
+                                          "skipping finished stages", _add_run, _add_ray)
     p.add_argument("--tune", action="store_true", help="search hyper-parameters first for backbones with a search space")
-    p = command("demo", cmd_demo, "the whole pipeline on the shipped demo data with tiny backbones (CPU, minutes)", False)
+    p = command("demo", cmd_demo, "the whole pipeline on the shipped demo data with tiny backbones (CPU, minutes)")
     p.add_argument("--results", help="results root (default results/demo)")
     p.add_argument("--num-cpus", type=int, help="CPUs Ray may use (default: all)")
-    p = command("predict", cmd_predict, "labels for one sentence from a finished run", False)
-    p.add_argument("--config", required=True)
-    p.add_argument("--results", help="results root (overrides the experiment's)")
-    p.add_argument("--text", required=True)
+    p = command("predict", cmd_predict, "labels for one sentence from a finished run", _add_finished)
+    p.add_argument("--text", required=True, help="the sentence")
     p.add_argument("--target", help="the target span (NIKL); leave out for the whole text")
+    p.add_argument("--candidate", help="answer with this candidate (default: the submitted one; see the report)")
+    p.add_argument("--json", action="store_true", help="print the answer as `serve` returns it")
     p = command("explain", cmd_explain, "which words made a finished run give its labels (text marks and an HTML file)",
-                False)
-    p.add_argument("--config", required=True)
-    p.add_argument("--results", help="results root (overrides the experiment's)")
-    p.add_argument("--text", required=True)
+                _add_finished)
+    p.add_argument("--text", required=True, help="the sentence")
     p.add_argument("--target", help="the target span (NIKL)")
     p.add_argument("--html", help="where to write the shaded text (default <results>/ensemble/explain.html)")
-    p = command("select", cmd_select, "rank unlabeled rows for labelling by the run's uncertainty and their rarity", False)
-    p.add_argument("--config", required=True)
-    p.add_argument("--results", help="results root (overrides the experiment's)")
+    p = command("select", cmd_select, "rank unlabeled rows for labelling by the run's uncertainty and their rarity",
+                _add_finished)
     p.add_argument("--pool", required=True, nargs="+", help="unlabeled rows in the task's format")
     p.add_argument("--n", type=int, default=200, help="how many to pick")
     p.add_argument("--rarity-weight", type=float, default=0.5, help="score = uncertainty + weight × rarity")
     p.add_argument("--out", help="where to write them (default <results>/selection/next_<n>.jsonl|.txt)")
-    p = command("serve", cmd_serve, "serve a finished run on Ray Serve (POST /predict, GET /health)")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--replicas", type=int, default=1)
+    command("serve", cmd_serve, "serve a finished run on Ray Serve (POST /predict, GET /health)", _add_finished,
+            _add_ray, serve_options)
     p = command("status", cmd_status, "where a run stands: stages, runs, trials (works while it runs and after); "
-                                      "exit 1 when something failed", False)
-    p.add_argument("--config", required=True)
-    p.add_argument("--results", help="results root (overrides the experiment's)")
+                                      "exit 1 when something failed", _add_run)
     p.add_argument("--address", help="Ray dashboard to ask about live runs (default: the one this results root's "
                                      "run recorded, else none)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def _exit_code(fn, args) -> int:
+    """fn(args)'s exit code; a bad experiment, bad data or a plan that cannot fit: its reason and 2."""
     from nikl_ray.cluster import StorageError
     from nikl_ray.config import ConfigError
     from nikl_ray.data import DataError
     from nikl_ray.placement import PlacementError
 
-    args = build_parser().parse_args(argv)
-    setup_logging(-1 if args.quiet else args.verbose)
     try:
-        return args.fn(args)
-    except (ConfigError, DataError, PlacementError, StorageError) as e:
+        return fn(args)
+    except (ConfigError, DataError, PlacementError, StorageError, FileNotFoundError) as e:
         log.error("%s", e)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # before any heavy import: `--help` answers at once
+    setup_logging(-1 if args.quiet else args.verbose)
+    return _exit_code(args.fn, args)
+
+
+def job(doc: str, body, *, options=None, finished: bool = False, argv: list[str] | None = None) -> int:
+    """A ray job (ray_jobs/*.py): its arguments (--config, --results, Ray's flags and `options(parser)`'s),
+    its run opened and Ray connected, then `body(run, args)`; the exit code. A job on a `finished` run
+    gets `body(predictor, args)` instead, and connects Ray itself."""
+    from nikl_ray.run import connect, open_run
+
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    (_add_finished if finished else _add_run)(parser)
+    _add_ray(parser)
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log (debug)")
+    if options:
+        options(parser)
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+
+    def opened(args) -> int:
+        if finished:
+            body(_finished(args), args)
+            return 0
+        run = open_run(args.config, args.results)
+        connect(run, local=args.local, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+        body(run, args)
+        return 0
+
+    return _exit_code(opened, args)
 
 
 if __name__ == "__main__":

@@ -1,11 +1,10 @@
 """Experiment files: one YAML that says what to train on, with which backbones, and where to write.
 
 Relative paths are taken from the YAML file's folder. `defaults` applies to every backbone
-(each backbone's own keys win). Reading a file builds and writes nothing: `prepare()` is the
-explicit step that builds tiny backbones (`checkpoint: tiny:<kind>` — electra, roberta, bert,
-gpt_neox, llama — random-init, with a tokenizer trained on the task's training text) and
-applies what `nikl-ray tune` found (`tune/<backbone>/best_config.yaml`: a searched key takes
-the tuned value, also over a value the experiment pins, which is then logged).
+(each backbone's own keys win). Reading a file builds and writes nothing: `run.open_run` is
+where tiny backbones (`checkpoint: tiny:<kind>` — electra, roberta, bert, gpt_neox, llama) are
+built and what pretraining and `nikl-ray tune` found is applied (a searched key takes the tuned
+value, also over a value the experiment pins, which is then logged).
 """
 
 from __future__ import annotations
@@ -201,75 +200,3 @@ def load_experiment(path: str | Path, overrides: dict | None = None) -> Experime
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     raw = {**(raw or {}), **(overrides or {})}
     return parse_experiment(raw, path.parent, str(path))
-
-
-# ---------------------------------------------------------------------------- explicit steps
-def tuned_values(layout: Layout, backbone: str) -> dict:
-    """The best config `nikl-ray tune` wrote for `backbone`, or {}."""
-    path = layout.best_config(backbone)
-    return (yaml.safe_load(path.read_text(encoding="utf-8")) or {}) if path.exists() else {}
-
-
-def apply_tuned(exp: Experiment) -> Experiment:
-    """Every backbone with a finished search takes its tuned values (a pinned key is overridden, loudly)."""
-    specs = []
-    for spec in exp.backbones:
-        best = tuned_values(exp.layout, spec.name)
-        if best:
-            clash = {k: getattr(spec, k) for k in best if k in exp.pinned.get(spec.name, []) and getattr(spec, k) != best[k]}
-            for k, v in clash.items():
-                log.warning("%s: the experiment pins %s=%s, the search it runs chose %s: the tuned value wins "
-                            "(remove %s from the search space to keep yours)", spec.name, k, v, best[k], k)
-            log.info("%s: using tuned %s", spec.name, best)
-            spec = BackboneSpec(**{**spec.model_dump(), **best})
-        specs.append(spec)
-    return exp.with_backbones(specs)
-
-
-def pretrain_corpus(exp: Experiment, spec: BackboneSpec) -> tuple[list[str], dict]:
-    """The texts `spec` pretrains on (the task's test file left out unless `include_test`)."""
-    from nikl_ray.corpus import read_corpus
-
-    return read_corpus(spec.pretrain.corpus, exclude=[] if spec.pretrain.include_test or not exp.test else [exp.test])
-
-
-def build_tiny(exp: Experiment) -> Experiment:
-    """Build (once) the tiny random-init checkpoints `tiny:<kind>` backbones name; point the specs at
-    them. The tokenizer is trained on the task's training text, or, for a backbone that pretrains,
-    on its pretraining corpus (a checkpoint of its own)."""
-    from nikl_ray.corpus import corpus_hash
-    from nikl_ray.data import read_rows
-    from nikl_ray.tiny import TINY_KINDS, make_tiny_backbone
-
-    specs, task_texts = [], None
-    for spec in exp.backbones:
-        if spec.checkpoint.startswith("tiny:"):
-            kind = spec.checkpoint.removeprefix("tiny:")
-            if kind not in TINY_KINDS:
-                raise ConfigError(f"backbone {spec.name}: unknown tiny kind {kind!r}; choose from {TINY_KINDS}")
-            corpus = corpus_hash(spec.pretrain.corpus) if spec.pretrain else None
-            out = exp.layout.tiny(f"{kind}-{corpus[:10]}" if corpus else kind)
-            if not (out / "config.json").exists():
-                if corpus:
-                    texts = pretrain_corpus(exp, spec)[0]
-                else:
-                    texts = task_texts = task_texts if task_texts is not None else read_rows(exp.train, exp.task).texts
-                log.info("building tiny %s backbone in %s (tokenizer trained on %d texts)", kind, out, len(texts))
-                make_tiny_backbone(kind, texts, out)
-            spec = spec.model_copy(update={"checkpoint": str(out)})
-        specs.append(spec)
-    return exp.with_backbones(specs)
-
-
-def apply_pretrained(exp: Experiment) -> Experiment:
-    """Backbones whose pretraining finished start from its checkpoint."""
-    specs = []
-    for spec in exp.backbones:
-        done = spec.pretrain and (exp.layout.pretrain(spec.name) / "manifest.json").exists()
-        specs.append(spec.model_copy(update={"checkpoint": str(exp.layout.pretrained(spec.name))}) if done else spec)
-    return exp.with_backbones(specs)
-
-
-def prepare(exp: Experiment) -> Experiment:
-    """The experiment the stages run: tiny checkpoints built, pretrained checkpoints and tuned values applied."""
-    return apply_tuned(apply_pretrained(build_tiny(exp)))

@@ -278,13 +278,6 @@ def read_rows(paths: str | Path | Sequence[str | Path], task: TaskSpec, *, label
     return Rows(task, paths, ids, texts, targets, np.stack(labels) if labelled else None, records, spans)
 
 
-def decide_single_label(pred: np.ndarray) -> np.ndarray:
-    """One-hot of the arg-max: the decision for a single-label task."""
-    out = np.zeros_like(pred, dtype=bool)
-    out[np.arange(len(pred)), np.asarray(pred).argmax(axis=1)] = True
-    return out
-
-
 def write_predictions(rows: Rows, decisions: np.ndarray, path: str | Path) -> Path:
     """Write rows back in the task's own format with `decisions` ((n, L) bool) as their labels.
 

@@ -8,13 +8,17 @@
       train/<backbone>-fold<k>/   one Ray Train run: checkpoints, manifest (Ray's run name), features/ it made
       train/summary.{csv,md}
       features/<member>/fold<k>/  out-of-fold and test features of one fold model, manifest
-      ensemble/         heads, report, decision.json, submission, submissions/<candidate>.*
+      ensemble/         heads, report, decision.json, run.json (the run as trained: what Predictor.load reads),
+                        submission, submissions/<candidate>.*
+      selection/        rows `nikl-ray select` picked for labelling
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+from nikl_ray.artifacts import MANIFEST
 
 
 @dataclass(frozen=True)
@@ -23,6 +27,11 @@ class Layout:
 
     def __post_init__(self):
         object.__setattr__(self, "root", Path(self.root).expanduser().resolve())
+
+    @staticmethod
+    def manifest(stage_dir: Path) -> Path:
+        """The manifest a stage (or one of its runs) writes last, in `stage_dir`."""
+        return Path(stage_dir) / MANIFEST
 
     # split
     @property
@@ -98,11 +107,43 @@ class Layout:
     def decision(self) -> Path:
         return self.ensemble / "decision.json"
 
+    @property
+    def record(self) -> Path:
+        """The run as trained (task, resolved backbones, every candidate's rule): what Predictor.load reads."""
+        return self.ensemble / "run.json"
+
+    @property
+    def repeated_words(self) -> Path:
+        """The words the training text has more than once (what `select` scores rarity against)."""
+        return self.ensemble / "repeated_words.json"
+
+    @property
+    def report_json(self) -> Path:
+        return self.ensemble / "report.json"
+
+    @property
+    def report_plot(self) -> Path:
+        return self.ensemble / "report.png"
+
     def submission(self, suffix: str) -> Path:
         return self.ensemble / f"submission{suffix}"
 
     def candidate_submission(self, name: str, suffix: str) -> Path:
         return self.ensemble / "submissions" / f"{name}{suffix}"
+
+    @property
+    def explanation(self) -> Path:
+        """`nikl-ray explain`'s shaded text."""
+        return self.ensemble / "explain.html"
+
+    def selection(self, name: str) -> Path:
+        """Rows `nikl-ray select` picked for labelling."""
+        return self.root / "selection" / name
+
+    @property
+    def dashboard_note(self) -> Path:
+        """Where the last command that ran stages found its Ray dashboard (for `status` in another shell)."""
+        return self.root / "ray_dashboard.json"
 
     def stages(self) -> dict[str, Path]:
         """Each stage's folder that holds (or whose children hold) its manifests, in pipeline order."""

@@ -1,28 +1,33 @@
-"""A finished run as one object: `Predictor.load(exp)`, then `predict(rows)`.
+"""A finished run as one object: `Predictor.load(results_dir)`, then `predict(rows)`.
 
-It loads what the submitted candidate needs — fold models of its members (the classical one
-included), the heads of its stack, its decision rule — and answers for rows exactly as the
-submission did: each row is read by the one fold model and the one inner fold of heads that a
-stable hash of its content picks (the same as for test rows), then the same
-`stacking.candidate_probs` and the same rule. `nikl-ray predict`, the benchmark and anything
-that serves the run go through here.
+It reads the run's record (`ensemble/run.json`, written by the ensemble stage: the task, the
+backbones as trained, every candidate's rule) and nothing outside the results folder but the
+base checkpoints that adapters sit on: a copied results folder answers without its experiment
+file or training data. It answers for rows exactly as the submission did: each row is read by
+the one fold model and the one inner fold of heads that a stable hash of its content picks (the
+same as for test rows), then the same `stacking.candidate_probs` and the candidate's rule. The
+submitted candidate answers unless another is asked for (`leaderboard()` lists them).
+`nikl-ray predict`, `serve`, `explain`, `select` and the benchmarks go through here.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+from pydantic import ValidationError
 
 from nikl_ray.artifacts import load_manifest, read_json
-from nikl_ray.backbones import load_trained
-from nikl_ray.config import Experiment
+from nikl_ray.backbones import BackboneSpec, load_trained
 from nikl_ray.data import TextRows
 from nikl_ray.decision import decide, thresholds
+from nikl_ray.layout import Layout
 from nikl_ray.members import CLASSICAL, classical_probs, embed, load_classical
 from nikl_ray.runspec import assign
 from nikl_ray.stacking import STACKS, Heads, candidate_probs
+from nikl_ray.tasks import TaskSpec
 
 log = logging.getLogger(__name__)
 
@@ -36,34 +41,54 @@ class Prediction:
 
 
 class Predictor:
-    def __init__(self, exp: Experiment, decision: dict):
-        self.exp, self.decision = exp, decision
-        self.task = exp.task
-        self.candidate, self.rule, self.params = decision["candidate"], decision["rule"], decision["params"]
-        self.k, self.inner_folds = decision["k"], decision["inner_folds"]
-        stack = self.candidate.partition("@h")[0]
-        self.members = [self.candidate] if self.candidate in decision["members"] else decision["active"]
-        self.heads = {stack: Heads.load(exp.layout.heads, stack, decision["hidden_sizes"], self.inner_folds,
-                                        len(self.task.labels), self.task.multi_label)} if stack in STACKS else {}
+    def __init__(self, layout: Layout, record: dict):
+        self.layout, self.record = layout, record
+        self.task = TaskSpec(**record["task"])
+        self.backbones = {d["name"]: _spec(d, layout) for d in record["backbones"]}
+        self.decision = record["decision"]
+        self.candidate, self.rule = self.decision["candidate"], self.decision["rule"]
+        self.params = self.decision["params"]
+        self.k, self.inner_folds = self.decision["k"], self.decision["inner_folds"]
         self._models: dict[tuple[str, int], object] = {}
+        self._heads: dict[str, Heads] = {}
 
     @classmethod
-    def load(cls, exp: Experiment) -> "Predictor":
-        path = exp.layout.decision
-        if not path.exists():
-            raise FileNotFoundError(f"no finished run in {exp.results}: {path} is missing (run the pipeline first)")
-        return cls(exp, read_json(path))
+    def load(cls, results: str | Path) -> "Predictor":
+        """The finished run in the results folder `results` (or a Run's)."""
+        layout = Layout(getattr(results, "results", results))
+        if not layout.record.exists():
+            raise FileNotFoundError(f"no finished run in {layout.root}: {layout.record} is missing "
+                                    "(run the pipeline, or its ensemble stage, first)")
+        return cls(layout, read_json(layout.record))
+
+    def leaderboard(self) -> list[dict]:
+        """Every candidate's cross-fitted score per rule and its role: the report's table."""
+        return [dict(row) for row in self.record["leaderboard"]]
+
+    @property
+    def candidates(self) -> list[str]:
+        return list(self.record["rules"])
+
+    def repeated_words(self) -> set[str]:
+        """The words the training text has more than once (select's rarity)."""
+        return set(read_json(self.layout.repeated_words))
 
     def _fold_model(self, member: str, fold: int):
         key = (member, fold)
         if key not in self._models:
             if member == CLASSICAL:
-                self._models[key] = load_classical(self.exp.layout.features(member, fold))
+                self._models[key] = load_classical(self.layout.features(member, fold))
             else:
-                pair = self.exp.layout.pair(member, fold)
-                self._models[key] = load_trained(self.exp.backbone(member), pair / load_manifest(pair)["best_checkpoint"],
+                pair = self.layout.pair(member, fold)
+                self._models[key] = load_trained(self.backbones[member], pair / load_manifest(pair)["best_checkpoint"],
                                                  len(self.task.labels), self.task.multi_label)
         return self._models[key]
+
+    def _head(self, stack: str) -> Heads:
+        if stack not in self._heads:
+            self._heads[stack] = Heads.load(self.layout.heads, stack, self.decision["hidden_sizes"], self.inner_folds,
+                                            len(self.task.labels), self.task.multi_label)
+        return self._heads[stack]
 
     def _features(self, member: str, rows: TextRows, folds: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
         hidden, probs = None, np.zeros((len(rows), len(self.task.labels)), np.float32)
@@ -74,20 +99,35 @@ class Predictor:
                 probs[idx] = classical_probs(model, rows.take(idx), self.task.multi_label)
                 continue
             tokenizer, net = model
-            h, p = embed(self.exp.backbone(member), tokenizer, net, rows.take(idx), self.task.multi_label)
+            h, p = embed(self.backbones[member], tokenizer, net, rows.take(idx), self.task.multi_label)
             hidden = np.zeros((len(rows), h.shape[1]), np.float32) if hidden is None else hidden
             hidden[idx], probs[idx] = h, p
         return hidden, probs
 
-    def predict(self, rows: TextRows, keys: list[str] | None = None) -> Prediction:
-        """Probabilities and labels of rows. `keys` routes rows as other rows would be (explain reads
-        every masked variant of a sentence with the sentence's own fold model and heads)."""
+    def predict(self, rows: TextRows, keys: list[str] | None = None, candidate: str | None = None) -> Prediction:
+        """Probabilities and labels of rows from `candidate` (default: the submitted one). `keys` routes
+        rows as other rows would be (explain reads every masked variant of a sentence with the
+        sentence's own fold model and heads)."""
+        candidate = candidate or self.candidate
+        if candidate not in self.record["rules"]:
+            raise ValueError(f"no candidate {candidate!r} in this run; candidates: {self.candidates}")
         keys = keys or rows.keys()
         folds, inner = assign(keys, self.k, "fold"), assign(keys, self.inner_folds, "inner")
-        features = {m: self._features(m, rows, folds) for m in self.members}
-        active = [m for m in self.decision["active"] if m in features]
-        probs = candidate_probs(self.candidate, features, active, self.heads, inner, self.task.multi_label)
-        return Prediction(probs, decide(probs, self.rule, self.params), self.candidate, self.rule)
+        active = self.decision["active"]
+        members = [candidate] if candidate in self.decision["members"] else active
+        features = {m: self._features(m, rows, folds) for m in members}
+        stack = candidate.partition("@h")[0]
+        heads = {stack: self._head(stack)} if stack in STACKS else {}
+        probs = candidate_probs(candidate, features, active, heads, inner, self.task.multi_label)
+        rule = self.record["rules"][candidate]
+        return Prediction(probs, decide(probs, rule["rule"], rule["params"]), candidate, rule["rule"])
+
+    def answer(self, rows: TextRows, candidate: str | None = None) -> list[dict]:
+        """Per row: its labels, every label's probability, the rule and the candidate (what `serve`
+        and `predict --json` return)."""
+        out = self.predict(rows, candidate=candidate)
+        return [{"labels": self.chosen(out, i), "probabilities": dict(zip(self.task.labels, map(float, out.probs[i]))),
+                 "rule": out.rule, "candidate": out.candidate} for i in range(len(rows))]
 
     def thresholds(self) -> np.ndarray:
         """Each label's decision threshold under the run's rule (argmax has none: nan)."""
@@ -111,6 +151,19 @@ class Predictor:
 
     def predict_text(self, text: str, target: str | None = None) -> tuple[dict[str, float], list[str]]:
         """({label: probability}, chosen labels) for one sentence."""
-        out = self.predict(self.rows_of([text], [target]))
-        return (dict(zip(self.task.labels, map(float, out.probs[0]))),
-                self.chosen(out, 0))
+        answer = self.answer(self.rows_of([text], [target]))[0]
+        return answer["probabilities"], answer["labels"]
+
+
+def _spec(d: dict, layout: Layout) -> BackboneSpec:
+    """A backbone as the record keeps it; a checkpoint inside the results root is found in this copy of it."""
+    d = dict(d)
+    if d.pop("checkpoint_in_results", False):
+        d["checkpoint"] = str(layout.root / d["checkpoint"])
+    try:
+        return BackboneSpec(**d)
+    except ValidationError as e:
+        if d.get("mode") == "full":  # a fully fine-tuned fold checkpoint holds every weight and its tokenizer
+            return BackboneSpec.model_construct(**d)
+        raise FileNotFoundError(f"backbone {d['name']}: its fold models are adapters on {d['checkpoint']}, which "
+                                f"cannot be loaded: {e.errors()[0]['msg']}") from None

@@ -4,7 +4,8 @@ the training text they are.
 - uncertainty, in [0, 1]: multi-label — for the label closest to its decision threshold,
   1 − |p − t| / max(t, 1 − t) (1 on the threshold, 0 at certainty); single-label — the
   normalised 1 − max p (1 when every class is equally likely).
-- rarity, in [0, 1]: the share of a row's words that the training text has at most once (or never).
+- rarity, in [0, 1]: the share of a row's words that the training text has at most once (or never):
+  the words it has more than once are kept with the run (`Predictor.repeated_words`).
 - score = uncertainty + `rarity_weight` × rarity.
 
 The chosen rows are written in the task's own input format with their scores attached (JSON
@@ -14,7 +15,6 @@ Lines: a `selection` object; tsv: extra columns), so they go straight to annotat
 from __future__ import annotations
 
 import json
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -31,16 +31,16 @@ def uncertainty(probs: np.ndarray, thresholds: np.ndarray, multi_label: bool) ->
     return closeness.max(1)
 
 
-def rarity(texts: list[str], training_texts: list[str]) -> np.ndarray:
-    counts = Counter(w for t in training_texts for w in t.split())
-    return np.array([np.mean([counts[w] <= 1 for w in t.split()]) if t.split() else 1.0 for t in texts])
+def rarity(texts: list[str], repeated: set[str]) -> np.ndarray:
+    """The share of each text's words outside `repeated` (the words the training text has more than once)."""
+    return np.array([np.mean([w not in repeated for w in t.split()]) if t.split() else 1.0 for t in texts])
 
 
-def rank(predictor, pool: Rows, training_texts: list[str], rarity_weight: float = 0.5) -> list[dict]:
+def rank(predictor, pool: Rows, rarity_weight: float = 0.5) -> list[dict]:
     """Every pool row with its scores, most worth labelling first."""
     probs = predictor.predict(pool.inputs()).probs
     u = uncertainty(probs, predictor.thresholds(), predictor.task.multi_label)
-    r = rarity(pool.texts, training_texts)
+    r = rarity(pool.texts, predictor.repeated_words())
     score = u + rarity_weight * r
     order = np.argsort(-score, kind="stable")
     return [{"index": int(i), "id": pool.ids[i], "score": float(score[i]), "uncertainty": float(u[i]),

@@ -1,8 +1,8 @@
 """A finished run on Ray Serve: `POST /predict`, `GET /health`, on 127.0.0.1 unless configured.
 
-    nikl-ray serve --config my.yaml --local                     # http://127.0.0.1:8000
+    nikl-ray serve --results results/nikl --local               # http://127.0.0.1:8000
     curl -s 127.0.0.1:8000/predict -H 'Content-Type: application/json' -d '{"text": "오늘 영화 너무 좋다", "target": "영화"}'
-    ray job submit --runtime-env ray_jobs/runtime_env.yaml -- python ray_jobs/serve.py --config my.yaml
+    ray job submit --runtime-env ray_jobs/runtime_env.yaml -- python ray_jobs/serve.py --results results/nikl
 
 One deployment holds the whole run (fold models, the TF-IDF member, heads, rule) through the
 Predictor: a row needs exactly one fold model per member and the members are small next to a
@@ -37,13 +37,11 @@ class Row(BaseModel):
 @serve.deployment(name="nikl-ray")
 @serve.ingress(app)
 class RunDeployment:
-    def __init__(self, config: str, results: str | None = None):
-        from nikl_ray.config import load_experiment, prepare
+    def __init__(self, results: str):
         from nikl_ray.predictor import Predictor
 
-        exp = prepare(load_experiment(config, {"results": results} if results else None))
-        self.predictor = Predictor.load(exp)
-        self.needs_spans = exp.task.target_field is not None
+        self.predictor = Predictor.load(results)
+        self.needs_spans = self.predictor.task.target_field is not None
 
     @app.get("/health")
     def health(self) -> dict:
@@ -64,10 +62,7 @@ class RunDeployment:
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
     async def _answer(self, rows: list[Row]) -> list[dict]:
         p = self.predictor
-        out = p.predict(p.rows_of([r.text for r in rows], [r.target for r in rows]))
-        return [{"labels": p.chosen(out, i),
-                 "probabilities": dict(zip(p.task.labels, map(float, out.probs[i]))), "rule": out.rule,
-                 "candidate": out.candidate} for i in range(len(rows))]
+        return p.answer(p.rows_of([r.text for r in rows], [r.target for r in rows]))
 
     @app.post("/predict")
     async def predict(self, body: Row | list[Row] = Body(...)) -> dict | list[dict]:
@@ -87,11 +82,27 @@ class RunDeployment:
         return answers if isinstance(body, list) else answers[0]
 
 
-def deploy(config: str | Path, results: str | Path | None = None, *, host: str = "127.0.0.1", port: int = 8000,
-           replicas: int = 1) -> str:
-    """Start Serve's HTTP proxy on host:port and deploy the run; returns its URL."""
+def deploy(results: str | Path, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1) -> str:
+    """Start Serve's HTTP proxy on host:port and deploy the finished run in `results`; returns its URL."""
     serve.start(http_options={"host": host, "port": port})
-    serve.run(RunDeployment.options(num_replicas=replicas).bind(str(Path(config).resolve()),
-                                                               str(results) if results else None),
+    serve.run(RunDeployment.options(num_replicas=replicas).bind(str(Path(results).resolve())),
               name="nikl-ray", route_prefix="/")
     return f"http://{host}:{port}"
+
+
+def serve_run(results: str | Path, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
+              block: bool = False) -> str:
+    """Deploy the finished run in `results` on the connected Ray and say where; with `block`, serve until
+    Ctrl-C (a local Ray instance lives only as long as the process that started it)."""
+    import time
+
+    url = deploy(results, host=host, port=port, replicas=replicas)
+    print(f"serving {Path(results).resolve()} at {url}  (GET {url}/health, POST {url}/predict)")
+    print(f"""  curl -s {url}/predict -H 'Content-Type: application/json' -d '{{"text": "오늘 영화 너무 좋다", "explain": true}}'""")
+    if block:
+        try:
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            pass
+    return url

@@ -23,7 +23,6 @@ from nikl_ray.members import member_names
 from nikl_ray.runspec import HF_CHECKPOINT, SELECT_METRIC
 
 log = logging.getLogger(__name__)
-DASHBOARD_FILE = "ray_dashboard.json"  # the results root's note of the Ray dashboard its last command used
 
 
 def record_dashboard(layout: Layout, address: str | None) -> None:
@@ -31,7 +30,7 @@ def record_dashboard(layout: Layout, address: str | None) -> None:
     from nikl_ray.artifacts import write_json
 
     if address:
-        write_json(layout.root / DASHBOARD_FILE, {"address": address, "pid": os.getpid(), "time": time.time()})
+        write_json(layout.dashboard_note, {"address": address, "pid": os.getpid(), "time": time.time()})
 
 
 def auth_token() -> str | None:
@@ -69,7 +68,7 @@ def run_state(run_dir: Path, live: dict | None) -> dict:
         out["live"] = live["status"]
         start, end = live.get("start_time_ns"), live.get("end_time_ns")
         out["wall_seconds"] = ((end or time.time_ns()) - start) / 1e9 if start else None
-    manifest = run_dir / "manifest.json"
+    manifest = Layout.manifest(run_dir)
     if manifest.exists():
         m = read_json(manifest)
         out.update(state="done", wall_seconds=m.get("wall_seconds"), best_score=m.get("selection_score"),
@@ -103,7 +102,7 @@ def _stage_state(parts: list[str]) -> str:
 def run_status(exp: Experiment, *, ray_address: str | None = None) -> dict:
     """Everything `nikl-ray status` says, as a dict (what `--json` prints)."""
     layout = exp.layout
-    note = layout.root / DASHBOARD_FILE
+    note = layout.dashboard_note
     address = ray_address or (read_json(note)["address"] if note.exists() else None)
     live, problem = {}, None
     if address:
@@ -119,19 +118,23 @@ def run_status(exp: Experiment, *, ray_address: str | None = None) -> dict:
         d = layout.tune(name)
         trials = [r for n, r in live.items() if n.startswith(f"{name}-") and "-fold" not in n]
         running = any(r["status"] in ("INITIALIZING", "SCHEDULING", "RUNNING") for r in trials)
-        searches[name] = {"state": "done" if (d / "manifest.json").exists() else "running" if running
+        searches[name] = {"state": "done" if layout.manifest(d).exists() else "running" if running
                           else "cut off" if d.exists() else "pending",
                           "trials_seen": len(list((d / "search").glob("trial_*"))) if d.exists() else 0,
                           "optuna_study": str(d / "optuna.db"), "tensorboard_logdir": str(d / "search")}
-    features = {f"{m}-fold{f}": "done" if (layout.features(m, f) / "manifest.json").exists() else "pending"
+    features = {f"{m}-fold{f}": "done" if layout.manifest(layout.features(m, f)).exists() else "pending"
                 for m in member_names(exp) for f in range(k)}
-    stages = {
-        "split": "done" if (layout.split / "manifest.json").exists() else "pending",
+    pretrain = {b.name: "done" if layout.manifest(layout.pretrain(b.name)).exists() else
+                "cut off" if layout.pretrain(b.name).exists() else "pending" for b in exp.backbones if b.pretrain}
+    by_stage = {
+        "split": "done" if layout.manifest(layout.split).exists() else "pending",
+        "pretrain": _stage_state(list(pretrain.values())) if pretrain else "not configured",
         "tune": _stage_state([s["state"] for s in searches.values()]) if searches else "not configured",
         "train": _stage_state([r["state"] for r in runs.values()]),
         "features": _stage_state(list(features.values())) if any(v == "done" for v in features.values()) else "pending",
-        "ensemble": "done" if (layout.ensemble / "manifest.json").exists() else "pending",
+        "ensemble": "done" if layout.manifest(layout.ensemble).exists() else "pending",
     }
+    stages = {name: by_stage[name] for name in layout.stages()}  # in pipeline order
     submission = next((str(p) for p in layout.ensemble.glob("submission.*")), None) if layout.ensemble.exists() else None
     return {"results": str(layout.root), "stages": stages, "runs": runs, "searches": searches, "features": features,
             "dashboard": address, "dashboard_problem": problem, "submission": submission,

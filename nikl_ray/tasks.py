@@ -35,9 +35,9 @@ class TaskSpec(BaseModel):
     label_field: str = Field("labels", description="Field (or tsv column) holding the labels.")
 
     @property
-    def metric(self) -> str:
-        """The primary score: micro_f1 (multi-label) or accuracy (single-label)."""
-        return "micro_f1" if self.multi_label else "accuracy"
+    def suffix(self) -> str:
+        """The file suffix of rows in this task's format (submissions, selections)."""
+        return ".txt" if self.format == "tsv" else ".jsonl"
 
     @model_validator(mode="after")
     def _check(self) -> "TaskSpec":

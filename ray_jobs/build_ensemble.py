@@ -9,9 +9,14 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the job's working dir, if nikl-ray is not installed
-from nikl_ray.cli import main  # noqa: E402
+import nikl_ray as nr  # noqa: E402
+from nikl_ray.cli import job  # noqa: E402
+
+
+def body(run, args) -> None:
+    nr.features(run)
+    print(f"report: {nr.ensemble(run)}")
+
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    code = main(["features", *args])
-    sys.exit(code or main(["ensemble", *args]))
+    sys.exit(job(__doc__, body))

@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the job's working dir, if nikl-ray is not installed
-from nikl_ray.cli import main  # noqa: E402
+import nikl_ray as nr  # noqa: E402
+from nikl_ray.cli import job  # noqa: E402
+
 
 if __name__ == "__main__":
-    sys.exit(main(["pretrain", *sys.argv[1:]]))
+    sys.exit(job(__doc__, lambda run, args: print(nr.pretrain(run))))

@@ -77,26 +77,28 @@ def cli(capsys):
     return run
 
 
-def setup_run(raw: dict, base=".") -> tuple:
-    """(experiment ready for the stages, its inputs): parsed, split, tiny backbones built, tuned values applied."""
-    from nikl_ray.config import parse_experiment, prepare
-    from nikl_ray.inputs import load_inputs
-    from nikl_ray.stages import split
+def setup_run(raw: dict) -> tuple:
+    """(experiment as the stages run it, its inputs) of the run `open_run` opens for `raw`."""
+    from nikl_ray import open_run
 
-    exp = parse_experiment(raw, base)
-    data = load_inputs(exp)
-    split.run(exp, data.rows)
-    return prepare(exp), data
+    run = open_run(raw)
+    return run.exp, run.inputs
 
 
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, tiny_backbones, ray_local):
     """Encoder full, GPT-NeoX LoRA and GPT-NeoX QLoRA (pair encoding), two folds each, trained once per
-    session through real Ray Train: (exp, data, train table path)."""
+    session through real Ray Train: (exp, data, train table path). Its data are copies of the demo
+    files in a folder of their own (a test takes them out of reach to show a finished run needs none)."""
+    import shutil
+
     from nikl_ray.stages import train
 
+    data_dir = tmp_path_factory.mktemp("data")
+    for name in ("train.jsonl", "test.jsonl"):
+        shutil.copy(DEMO_DIR / name, data_dir / name)
     exp, data = setup_run({
-        "task": "nikl-emotion", "train": str(DEMO_DIR / "train.jsonl"), "test": str(DEMO_DIR / "test.jsonl"),
+        "task": "nikl-emotion", "train": str(data_dir / "train.jsonl"), "test": str(data_dir / "test.jsonl"),
         "results": str(tmp_path_factory.mktemp("results")), "folds": {"k": 2, "seed": 0},
         "defaults": {"epochs": 3, "batch_size": 16, "max_length": 40},
         "ensemble": {"hidden_sizes": [16, 32], "inner_folds": 2, "epochs": 60, "patience": 10},
@@ -141,14 +143,13 @@ def nsmc_experiment(tmp_path, tiny_backbones, results) -> dict:
 @pytest.fixture(scope="session")
 def single_label_run(tmp_path_factory, tiny_backbones, ray_local):
     """The NSMC-style pipeline run once on this machine's Ray: (raw experiment, pipeline output)."""
-    from nikl_ray.config import parse_experiment
-    from nikl_ray.pipeline import run_pipeline
+    from nikl_ray import open_run, pipeline
 
     if not NSMC_DIR.exists():
         pytest.skip("../shared/data/nsmc_like is absent")
     tmp = tmp_path_factory.mktemp("nsmc")
     raw = nsmc_experiment(tmp, tiny_backbones, tmp / "res")
-    return raw, run_pipeline(parse_experiment(raw, tmp))
+    return raw, pipeline(open_run(raw))
 
 
 def kill_with_its_ray(proc) -> None:

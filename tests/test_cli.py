@@ -15,6 +15,21 @@ def test_help_lists_the_subcommands():
         assert cmd in out.stdout
 
 
+def test_help_and_version_answer_before_anything_heavy_is_imported():
+    code = ("import sys\nfrom nikl_ray.cli import main\n"
+            "for argv in (['--help'], ['--version'], ['train', '--help']):\n"
+            "    try:\n        main(argv)\n    except SystemExit:\n        pass\n"
+            "print(sorted(m for m in ('ray', 'torch', 'transformers', 'pydantic', 'numpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip().endswith("[]"), out.stdout + out.stderr
+    assert "nikl-ray 0.2.0" in out.stdout and "Train every fold × backbone as Ray Train runs." in out.stdout
+
+
+def test_commands_without_ray_take_no_ray_flags():
+    for cmd in ("validate", "split", "status", "plan"):
+        assert "--local" not in _cli(cmd, "--help").stdout, cmd
+
+
 def test_bad_input_exits_non_zero_with_file_and_line(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [nikl_row("a"), '{"id": "b",', nikl_row("c", target=("영화", 0, 2))])
     cfg = tmp_path / "exp.yaml"

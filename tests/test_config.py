@@ -33,18 +33,18 @@ def test_bad_experiment_files_fail_with_the_key_path(tmp_path, backbone, top, me
     assert not (tmp_path / "res").exists()  # nothing was built or written
 
 
-def test_reading_builds_nothing_and_prepare_builds_tiny_backbones_once(tmp_path):
-    from nikl_ray.config import prepare
+def test_reading_builds_nothing_and_opening_the_run_builds_tiny_backbones_once(tmp_path):
+    from nikl_ray import open_run
 
     path = _write(tmp_path, {"name": "a", "checkpoint": "tiny:llama", "mode": "lora"}, defaults={"epochs": 7, "lr": 1e-3})
     exp = load_experiment(path)
     assert not (tmp_path / "res").exists()
     spec = exp.backbones[0]
     assert spec.epochs == 7 and spec.family == "decoder" and spec.resolved_lora_targets() == ["q_proj", "k_proj", "v_proj", "o_proj"]
-    built = prepare(exp).backbones[0].checkpoint
+    built = open_run(exp).exp.backbones[0].checkpoint
     assert built == str(tmp_path / "res" / "tiny_backbones" / "llama") and (tmp_path / "res" / "tiny_backbones" / "llama" / "config.json").exists()
     stamp = (tmp_path / "res" / "tiny_backbones" / "llama" / "config.json").stat().st_mtime_ns
-    prepare(exp)
+    open_run(path)
     assert (tmp_path / "res" / "tiny_backbones" / "llama" / "config.json").stat().st_mtime_ns == stamp
 
 
@@ -60,7 +60,7 @@ def test_validate_writes_nothing(tmp_path):
 
 
 def test_tuned_values_win_over_pinned_ones_and_say_so(tmp_path, caplog):
-    from nikl_ray.config import apply_tuned
+    from nikl_ray.run import apply_tuned
 
     exp = load_experiment(_write(tmp_path, {"name": "a", "checkpoint": "tiny:gpt_neox", "mode": "lora", "lr": 1e-3},
                                  defaults={"lora_r": 4}))
@@ -85,7 +85,7 @@ def test_lora_alpha_follows_the_rank_unless_given():
 
 def test_test_ids_that_collide_with_training_ids_stop_before_training(tmp_path):
     from conftest import nikl_row, write_jsonl
-    from nikl_ray.pipeline import load_inputs
+    from nikl_ray.inputs import load_inputs
 
     test = write_jsonl(tmp_path / "test.jsonl", [nikl_row("demo-ea-train-000007"), nikl_row("fresh")])
     exp = load_experiment(_write(tmp_path, {"name": "a", "checkpoint": "tiny:electra"}, test=str(test)))
@@ -96,12 +96,12 @@ def test_test_ids_that_collide_with_training_ids_stop_before_training(tmp_path):
 @pytest.mark.parametrize("encoding", ["inline", "markers", "pair", "none"])
 def test_target_encodings_handle_null_targets(tmp_path, encoding):
     from nikl_ray.backbones import MARKERS, load_tokenizer
-    from nikl_ray.config import prepare
+    from nikl_ray import open_run
     from nikl_ray.data import TextRows
     from nikl_ray.encode import encode
 
-    exp = prepare(load_experiment(_write(tmp_path, {"name": "a", "checkpoint": "tiny:gpt_neox", "target_encoding": encoding,
-                                                    "max_length": 12})))
+    exp = open_run(_write(tmp_path, {"name": "a", "checkpoint": "tiny:gpt_neox", "target_encoding": encoding,
+                                     "max_length": 12})).exp
     spec = exp.backbones[0]
     tok = load_tokenizer(spec)
     long_text = "너무 행복해 " * 20
@@ -121,12 +121,12 @@ def test_target_encodings_handle_null_targets(tmp_path, encoding):
 def test_inline_markers_surround_the_occurrence_the_span_names(tmp_path):
     """The same target twice in a text: inline encoding marks the one at [begin:end]; markers cannot tell."""
     from nikl_ray.backbones import MARKERS, load_tokenizer
-    from nikl_ray.config import prepare
+    from nikl_ray import open_run
     from nikl_ray.data import TextRows
     from nikl_ray.encode import encode
 
-    exp = prepare(load_experiment(_write(tmp_path, {"name": "a", "checkpoint": "tiny:electra", "target_encoding": "inline",
-                                                    "max_length": 16})))
+    exp = open_run(_write(tmp_path, {"name": "a", "checkpoint": "tiny:electra", "target_encoding": "inline",
+                                     "max_length": 16})).exp
     spec = exp.backbones[0]
     tok = load_tokenizer(spec)
     text = "영화 좋다 그런데 영화 싫다"

@@ -142,10 +142,15 @@ def test_the_predictor_answers_exactly_as_the_submission_did(stacked):
     from nikl_ray.predictor import Predictor
 
     exp, data, _ = stacked
-    predictor = Predictor.load(exp)
+    predictor = Predictor.load(exp.results)
     out = predictor.predict(data.test.inputs())
     sub = read_rows(exp.layout.submission(".jsonl"), exp.task, labelled=True)
     np.testing.assert_array_equal(out.decisions, sub.labels.astype(bool))
+    report = json.loads(exp.layout.report_json.read_text())
+    for candidate, path in report["submissions"].items():  # any candidate answers as its own submission did
+        own = read_rows(exp.layout.ensemble / path, exp.task, labelled=True)
+        np.testing.assert_array_equal(predictor.predict(data.test.inputs(), candidate=candidate).decisions,
+                                      own.labels.astype(bool), err_msg=candidate)
     i = int(np.flatnonzero([t is not None for t in data.test.targets])[0])
     text, target = data.test.texts[i], data.test.targets[i]
     if text.find(target) == data.test.spans[i][0]:  # predict_text takes the first occurrence

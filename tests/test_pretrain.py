@@ -35,6 +35,7 @@ def _config(tmp_path, checkpoint: str) -> dict:
     corpus = [str(DEMO_DIR / "train.jsonl"), str(DEMO_DIR / "test.jsonl")]  # the task's test file: left out
     return {"task": "nikl-emotion", "train": str(DEMO_DIR / "train.jsonl"), "test": str(DEMO_DIR / "test.jsonl"),
             "results": str(tmp_path / "res"), "folds": {"k": 2, "seed": 0}, "classical": False,
+            "ensemble": {"hidden_sizes": [16], "inner_folds": 2, "epochs": 20, "patience": 5},
             "backbones": [{"name": "neox", "checkpoint": checkpoint, "mode": "lora", "epochs": 1,
                            "pretrain": {"corpus": corpus, "steps": 80, "batch_size": 16, "max_length": 40,
                                         "save_every_steps": 20}}]}
@@ -49,13 +50,15 @@ def _registered(run_dir) -> bool:
 
 @pytest.mark.slow
 def test_pretraining_runs_two_workers_resumes_after_a_kill_and_the_folds_start_from_it(tmp_path, ray_local,
-                                                                                        tiny_backbones):
+                                                                                        tiny_backbones, cli):
+    import runpy
+
     import numpy as np
     from transformers import AutoModel
 
+    from nikl_ray import open_run
+    from nikl_ray.artifacts import load_manifest
     from nikl_ray.backbones import load_for_classification, load_tokenizer
-    from nikl_ray.config import build_tiny, parse_experiment, prepare
-    from nikl_ray.stages import pretrain
 
     raw = _config(tmp_path, str(tiny_backbones["gpt_neox"]))  # the session's random init: built once
     config = tmp_path / "exp.yaml"
@@ -73,8 +76,8 @@ def test_pretraining_runs_two_workers_resumes_after_a_kill_and_the_folds_start_f
         kill_with_its_ray(proc)  # the driver and the Ray instance it started
     assert not (tmp_path / "res" / "pretrain" / "neox" / "manifest.json").exists()
 
-    exp = parse_experiment(raw)
-    pretrain.run(build_tiny(exp))  # the same command again: resumed, not started over
+    code, _, err = cli("pretrain", "--config", config, "--local")  # the same command again: resumed, not started over
+    assert code == 0, err
     manifest = json.loads((tmp_path / "res" / "pretrain" / "neox" / "manifest.json").read_text())
     assert manifest["steps"] == 80 and manifest["resumed_from_step"] > 0
     assert sorted(w["rank"] for w in manifest["workers"]) == [0, 1] and all(w["steps"] > 0 for w in manifest["workers"])
@@ -89,16 +92,33 @@ def test_pretraining_runs_two_workers_resumes_after_a_kill_and_the_folds_start_f
     assert (tmp_path / "res" / "pretrain" / "neox" / "report.md").exists()
 
     # the fold models start from the pretrained weights, not from the random init
-    tiny = build_tiny(exp).backbones[0]
-    spec = prepare(exp).backbones[0]
+    spec = open_run(raw).exp.backbones[0]
     assert spec.checkpoint == str(tmp_path / "res" / "pretrain" / "neox" / "model")
     model = load_for_classification(spec, 8, True, load_tokenizer(spec))
     body = {k.split("gpt_neox.", 1)[1].replace("base_layer.", ""): v for k, v in model.state_dict().items()
             if "gpt_neox." in k and "lora" not in k}
     pretrained = AutoModel.from_pretrained(spec.checkpoint).state_dict()
-    random_init = AutoModel.from_pretrained(tiny.checkpoint).state_dict()
+    random_init = AutoModel.from_pretrained(raw["backbones"][0]["checkpoint"]).state_dict()
     layers = [k for k in body if k in pretrained and k.startswith("layers.") and body[k].shape == pretrained[k].shape]
     assert len(layers) > 10, sorted(body)[:20]
     for k in layers:  # at step 0, the classifier's body is the pretrained body
         np.testing.assert_array_equal(body[k].numpy(), pretrained[k].numpy(), err_msg=k)
     assert any(not np.array_equal(pretrained[k].numpy(), random_init[k].numpy()) for k in layers)
+
+    # the later stages as separate commands train from it too; the pipeline, and the train job, then run nothing
+    for stage in ("train", "features", "ensemble"):
+        code, _, err = cli(stage, "--config", config, "--local")
+        assert code == 0, (stage, err)
+    for fold in range(2):
+        assert load_manifest(tmp_path / "res" / "train" / f"neox-fold{fold}")["inputs"]["backbone"]["checkpoint"] == spec.checkpoint
+    stamps = {p: p.stat().st_mtime_ns for p in (tmp_path / "res").rglob("manifest.json")}
+    assert cli("pipeline", "--config", config, "--local")[0] == 0
+    job = DEMO_DIR.parents[1] / "ray_jobs" / "train_folds.py"
+    argv, sys.argv = sys.argv, [str(job), "--config", str(config), "--local"]
+    try:
+        with pytest.raises(SystemExit) as done:
+            runpy.run_path(str(job), run_name="__main__")
+    finally:
+        sys.argv = argv
+    assert done.value.code == 0
+    assert stamps == {p: p.stat().st_mtime_ns for p in (tmp_path / "res").rglob("manifest.json")}

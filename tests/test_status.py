@@ -24,7 +24,7 @@ def test_status_says_which_stages_are_done_and_which_run_was_cut_off(stacked, tm
     code, out, err = cli("status", "--config", config, "--json")
     assert code == 0, err
     status = json.loads(out)
-    assert status["stages"] == {"split": "done", "tune": "not configured", "train": "cut off", "features": "done",
+    assert status["stages"] == {"split": "done", "pretrain": "not configured", "tune": "not configured", "train": "cut off", "features": "done",
                                 "ensemble": "pending"}
     assert status["runs"]["neox-qlora-fold1"]["state"] == "cut off" and status["runs"]["neox-qlora-fold1"]["epochs"] >= 1
     assert all(r["state"] == "done" for n, r in status["runs"].items() if n != "neox-qlora-fold1")

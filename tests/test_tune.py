@@ -84,9 +84,8 @@ def test_a_killed_search_resumes_and_pipeline_with_tune_run_twice_does_its_work_
     values and submits; run a third time, it finds every stage done and does nothing."""
     import ray
 
+    from nikl_ray import open_run, pipeline
     from nikl_ray.cluster import api_server
-    from nikl_ray.config import load_experiment
-    from nikl_ray.pipeline import run_pipeline
     from nikl_ray.status import train_runs
 
     config = _experiment_file(tmp_path, tiny_backbones, epochs=2, num_samples=3, max_concurrent=1, seed=1,
@@ -108,7 +107,7 @@ def test_a_killed_search_resumes_and_pipeline_with_tune_run_twice_does_its_work_
     finished = {d.name: (d / "result.json").read_text() for d in _trial_dirs(search) if d.name.split("_")[1] in finished_ids}
     assert finished and not (search.parent / "manifest.json").exists()
 
-    run_pipeline(load_experiment(config), tune=True)  # the same command again: the search resumes
+    pipeline(open_run(config), tune_first=True)  # the same command again: the search resumes
     for name, before in finished.items():  # finished trials were not run again
         assert (search / name / "result.json").read_text() == before
     board = list(csv_rows(search.parent / "leaderboard.csv"))
@@ -134,7 +133,7 @@ def test_a_killed_search_resumes_and_pipeline_with_tune_run_twice_does_its_work_
     t0 = time.time()
     caplog.clear()  # this run's records only
     with caplog.at_level("INFO", logger="nikl_ray"):
-        run_pipeline(load_experiment(config), tune=True)
+        pipeline(open_run(config), tune_first=True)
     assert time.time() - t0 < 60
     assert "tune neox: done already" in caplog.text and "ensemble: done already" in caplog.text
     assert "→ training" not in caplog.text and "→ computing" not in caplog.text

@@ -1,6 +1,7 @@
 """Using a finished run: served on Ray Serve over real HTTP, explained word by word, and asked what to
 label next (the trained fixture's run)."""
 
+import contextlib
 import json
 import statistics
 import time
@@ -28,27 +29,63 @@ def _post(url, body, timeout=60):
 
 
 @pytest.fixture(scope="module")
-def served(stacked):
+def served(stacked, tmp_path_factory):
+    """The finished run copied to a folder of its own and served from there: (stacked, url, the copy)."""
+    import shutil
+
     from ray import serve
 
     from conftest import RayCluster
     from nikl_ray.serve import deploy
 
-    exp = stacked[0]
-    config = exp.results / "served.yaml"
-    import yaml
-
-    config.write_text(yaml.safe_dump({"task": "nikl-emotion", "train": [str(p) for p in exp.train], "test": str(exp.test),
-                                      "results": str(exp.results), "folds": exp.folds.model_dump(),
-                                      "ensemble": exp.ensemble.model_dump(),
-                                      "backbones": [b.model_dump(mode="json", exclude_none=True) for b in exp.backbones]}))
-    url = deploy(config, port=RayCluster("serve").free_port())
-    yield stacked, url
+    copy = tmp_path_factory.mktemp("copied") / "run"
+    shutil.copytree(stacked[0].results, copy)
+    url = deploy(copy, port=RayCluster("serve").free_port())
+    yield stacked, url, copy
     serve.shutdown()
 
 
+@contextlib.contextmanager
+def hidden(*folders):
+    """The folders renamed away for the block: whatever reads them fails."""
+    moved = [f.rename(f.with_name(f.name + ".hidden")) for f in folders]
+    try:
+        yield
+    finally:
+        for before, after in zip(folders, moved):
+            after.rename(before)
+
+
+def test_a_copied_run_answers_alone_the_same_in_python_on_the_command_line_and_served(served, cli):
+    """With the experiment's data and its original results folder out of reach, the copy answers
+    byte for byte alike through Predictor.load, `nikl-ray predict --results` and a served request,
+    with any candidate; its leaderboard is the report's table."""
+    from nikl_ray.predictor import Predictor
+    from nikl_ray.tables import markdown
+
+    (exp, data, _), url, copy = served
+    texts = ["오늘 경기 보고 진짜 너무 무서워", "새 앨범 빨리 듣고 싶다", data.test.texts[0]]
+    with hidden(exp.results, exp.train[0].parent):
+        predictor = Predictor.load(copy)
+        for text in texts:
+            expected = json.dumps(predictor.answer(predictor.rows_of([text]))[0], ensure_ascii=False)
+            code, out, err = cli("predict", "--results", copy, "--text", text, "--json")
+            assert code == 0, err
+            assert out.strip() == expected
+            status, answer = _post(f"{url}/predict", {"text": text})
+            assert status == 200 and json.dumps(answer, ensure_ascii=False) == expected
+        board = predictor.leaderboard()
+        assert markdown(board) in (copy / "ensemble" / "report.md").read_text(encoding="utf-8")
+        assert {row["ensemble"] for row in board} == set(predictor.candidates)
+        other = next(row["ensemble"] for row in board if row["role"] == "candidate")
+        answer = predictor.answer(predictor.rows_of(texts[:1]), candidate=other)[0]
+        assert answer["candidate"] == other
+        code, out, _ = cli("predict", "--results", copy, "--text", texts[0], "--json", "--candidate", other)
+        assert json.loads(out) == answer
+
+
 def test_served_answers_equal_the_submission_and_health_says_what_is_served(served):
-    (exp, data, _), url = served
+    (exp, data, _), url, _ = served
     with urllib.request.urlopen(f"{url}/health", timeout=30) as answer:
         health = json.loads(answer.read())
     decision = json.loads(exp.layout.decision.read_text())
@@ -71,14 +108,14 @@ def test_served_answers_equal_the_submission_and_health_says_what_is_served(serv
     (b"not json", 422),
 ])
 def test_a_malformed_request_gets_a_4xx_and_the_replica_keeps_serving(served, body, code):
-    _, url = served
+    _, url, _ = served
     status, answer = _post(f"{url}/predict", body)
     assert status == code, answer
     assert _post(f"{url}/predict", {"text": "오늘 영화 너무 좋다"})[0] == 200
 
 
 def test_a_burst_of_concurrent_requests_is_answered_in_full(served):
-    (_, data, _), url = served
+    (_, data, _), url, _ = served
     texts = data.test.texts * 2
 
     def one(text):
@@ -104,7 +141,7 @@ def test_explain_ranks_the_planted_phrase_first_and_writes_shaded_html(stacked, 
     from nikl_ray.predictor import Predictor
 
     exp = stacked[0]
-    e = explain(Predictor.load(exp), "오늘 경기 보고 진짜 너무 무서워", None)
+    e = explain(Predictor.load(exp.results), "오늘 경기 보고 진짜 너무 무서워", None)
     assert "fear" in e.labels, e.probs
     assert e.top("fear", 1) == ["무서워"], e.drops["fear"]
     assert "[무서워]" in e.marked("fear")
@@ -139,7 +176,7 @@ def test_rows_near_the_decision_boundary_are_picked_before_confident_ones(stacke
 
     exp, data, _ = stacked
     pool = data.test
-    ranked = rank(Predictor.load(exp), pool, data.rows.texts, rarity_weight=0.0)
+    ranked = rank(Predictor.load(exp.results), pool, rarity_weight=0.0)
     u = [r["uncertainty"] for r in ranked]
     assert u == sorted(u, reverse=True) and u[0] > u[-1]  # the most uncertain first
     n = 10

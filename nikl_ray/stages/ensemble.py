@@ -35,10 +35,6 @@ from nikl_ray.tables import markdown
 log = logging.getLogger(__name__)
 
 
-def submission_suffix(exp: Experiment) -> str:
-    return ".txt" if exp.task.format == "tsv" else ".jsonl"
-
-
 def run(exp: Experiment, data: Inputs) -> Path:
     """Train the heads, compare the candidates, write report, plot and submissions. Returns the report path."""
     from nikl_ray.cluster import plan_stage
@@ -46,7 +42,7 @@ def run(exp: Experiment, data: Inputs) -> Path:
     layout, folds, rows, test = exp.layout, data.folds(exp), data.rows, data.test
     k, cfg, task, y = folds["k"], exp.ensemble, exp.task, rows.labels
     members = member_names(exp)
-    inputs = {"features": {f"{m}/fold{f}": sha256_file(layout.features(m, f) / "manifest.json")
+    inputs = {"features": {f"{m}/fold{f}": sha256_file(layout.manifest(layout.features(m, f)))
                            for m in members for f in range(k)},
               "ensemble": cfg.model_dump(), "task": task.model_dump(mode="json")}
     if manifest_problem(layout.ensemble, inputs, __name__) is None:
@@ -85,7 +81,7 @@ def run(exp: Experiment, data: Inputs) -> Path:
 
     files = []
     test_rates = None
-    suffix = submission_suffix(exp)
+    suffix = task.suffix
     submissions = {}
     if test is not None:
         test_inner = assign(test.inputs().keys(), cfg.inner_folds, "inner")
@@ -127,40 +123,71 @@ def run(exp: Experiment, data: Inputs) -> Path:
     }
     for stack, h in heads.items():
         files += h.save(layout.heads)
-    files.append(write_json(layout.ensemble / "report.json", report))
+    files.append(write_json(layout.report_json, report))
     files.append(write_text(layout.report, report_markdown(report)))
-    files.append(plot_report(report, layout.ensemble / "report.png"))
-    files.append(write_json(layout.decision, {
-        "candidate": chosen, "rule": rule, "params": params, "members": members, "active": active,
-        "stacks": stacks, "hidden_sizes": cfg.hidden_sizes, "inner_folds": cfg.inner_folds, "k": k}))
+    files.append(plot_report(report, layout.report_plot))
+    decision = {"candidate": chosen, "rule": rule, "params": params, "members": members, "active": active,
+                "stacks": stacks, "hidden_sizes": cfg.hidden_sizes, "inner_folds": cfg.inner_folds, "k": k}
+    files.append(write_json(layout.decision, decision))
+    files += write_record(exp, rows, decision, {n: {"rule": best[n], "params": table[n][best[n]]["params"]} for n in names},
+                          candidates_table(report))
     write_manifest(layout.ensemble, inputs=inputs, files=files, code=__name__)
-    # the candidates' table and the choice; the prose and per-label tables stay in the report file
-    shown = [line for line in report_markdown(report).split("\n## Per label")[0].splitlines()
-             if line.startswith(("|", "**Submitted"))]
-    log.info("ensemble candidates (cross-fitted out-of-fold %s per rule):\n%s", report["metric"], "\n".join(shown))
+    log.info("ensemble candidates (cross-fitted out-of-fold %s per rule):\n%s\n%s", report["metric"],
+             markdown(candidates_table(report)), submitted_line(report))
     return layout.report
 
 
+def write_record(exp: Experiment, rows, decision: dict, rules: dict, leaderboard: list[dict]) -> list[Path]:
+    """The run as trained, for Predictor.load: it needs no experiment file and no training data, only
+    this folder (and the base checkpoints adapters sit on). Checkpoints inside the results root are
+    kept relative to it, so a copied results folder answers from its own files."""
+    from collections import Counter
+
+    def relative(spec) -> dict:
+        d = spec.model_dump(mode="json")
+        path = Path(spec.checkpoint)
+        if path.is_absolute() and path.is_relative_to(exp.layout.root):
+            d["checkpoint"] = path.relative_to(exp.layout.root).as_posix()
+            d["checkpoint_in_results"] = True
+        return d
+
+    counts = Counter(w for t in rows.texts for w in t.split())
+    return [write_json(exp.layout.record, {
+                "task": exp.task.model_dump(mode="json"), "backbones": [relative(b) for b in exp.backbones],
+                "decision": decision, "rules": rules, "leaderboard": leaderboard}),
+            write_json(exp.layout.repeated_words, sorted(w for w, c in counts.items() if c > 1))]
+
+
 # ---------------------------------------------------------------------------- report
-def report_markdown(report: dict) -> str:
-    metric, c = report["metric"], report["chosen"]
-    rules = list(next(iter(report["table"].values())))
+def candidates_table(report: dict) -> list[dict]:
+    """Every candidate's cross-fitted score under each rule, its in-sample score and its role: the
+    report's table, and what Predictor.leaderboard() returns."""
+    c, rules = report["chosen"], list(next(iter(report["table"].values())))
     rows = []
     for name, by_rule in report["table"].items():
         role = ("submitted" if name == c["name"] else "candidate" if name in report["candidates"]
                 else "left out (degenerate)" if name in report["degenerate"] else "")
         rows.append({"ensemble": name, **{r: by_rule[r]["crossfit"] for r in rules},
                      "in-sample, its best rule": by_rule[report["best_rule"][name]]["in_sample"], "role": role})
+    return rows
+
+
+def submitted_line(report: dict) -> str:
+    metric, c = report["metric"], report["chosen"]
+    return (f"**Submitted: {c['name']}**, rule `{c['rule']}` {c['params'] or ''}: cross-fitted {metric} "
+            f"{c['score']:.4f}" + (f", {c['score'] - c['runner_up_score']:+.4f} over the next candidate ({c['runner_up']})"
+                                   if c["runner_up"] else "")
+            + f", {c['score'] - c['best_member_score']:+.4f} over the best single member ({c['best_member']}).")
+
+
+def report_markdown(report: dict) -> str:
+    metric = report["metric"]
     lines = [f"# Ensemble report\n\n{report['rows']} labelled rows; members: {', '.join(report['members'])}; "
              f"stacked features: {', '.join(f'{s} {n}' for s, n in report['features'].items())}.\n",
              f"Every score is out-of-fold {metric} with the decision rule **cross-fitted** over the inner folds "
              "(fitted on the others, applied to each in turn). The in-sample column fits and scores the rule on the "
              "same rows: optimistic, for reference only.\n",
-             markdown(rows),
-             f"**Submitted: {c['name']}**, rule `{c['rule']}` {c['params'] or ''}: cross-fitted {metric} "
-             f"{c['score']:.4f}" + (f", {c['score'] - c['runner_up_score']:+.4f} over the next candidate ({c['runner_up']})"
-                                    if c["runner_up"] else "")
-             + f", {c['score'] - c['best_member_score']:+.4f} over the best single member ({c['best_member']}).\n"]
+             markdown(candidates_table(report)), submitted_line(report) + "\n"]
     if report["degenerate"]:
         lines.append("Left out of every ensemble (degenerate fold models): " + "; ".join(
             f"{m}: {', '.join(r)}" for m, r in report["degenerate"].items()) + "\n")
