@@ -20,6 +20,11 @@ def _cell(v) -> str:
     return str(v)
 
 
+def _escaped(text: str) -> str:
+    """A Markdown table cell: a `|` would end the cell, a newline the row."""
+    return text.replace("\\", "\\\\").replace("|", "\\|").replace("\r\n", "<br>").replace("\n", "<br>")
+
+
 def _columns(rows: list[dict]) -> list[str]:
     """Every column that some row fills (empty columns are not printed)."""
     cols: list[str] = []
@@ -34,8 +39,8 @@ def markdown(rows: list[dict]) -> str:
     if not rows:
         return "(no rows)\n"
     cols = _columns(rows)
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join(_cell(r.get(c)) for c in cols) + " |" for r in rows]
+    lines = ["| " + " | ".join(map(_escaped, cols)) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_escaped(_cell(r.get(c))) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 

@@ -208,25 +208,43 @@ class Started:
             return subprocess.CompletedProcess(self._proc.args, self._proc.returncode, self._out.read(), self._err.read())
 
 
+_handed_out: set[int] = set()
+
+
+def free_port() -> int:
+    """A port for a server a test starts, never the same twice in this process. Taken from 20000–32767:
+    below the kernel's ephemeral range (32768+), which every outgoing connection and every `bind(0)`
+    of another process draws from, and above Ray's worker ports (10002–19999); a port handed out here
+    cannot be taken between this check and the server's own bind by anything but another test process,
+    which starts elsewhere in the range (by its pid)."""
+    import socket
+
+    start = 20000 + (os.getpid() * 37) % 12000
+    for i in range(12768):
+        port = 20000 + (start - 20000 + i) % 12768
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError("no free port in 20000-32767")
+
+
 class RayCluster:
     """A Ray cluster of the test's own, from `ray start` (the head, and worker nodes on this machine):
     its own ports and temp dir; stopped by finding its processes, never with `ray stop` (which ends
     every Ray process on the machine)."""
 
     def __init__(self, name: str):
-        import os
-        import socket
-
         self.temp = Path("/tmp") / f"ray-{name}-{os.getpid()}"  # Ray's socket paths must stay short
         # as the README starts a cluster: token authentication, Train runs listed on the dashboard
         self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_ADDRESS": "", "RAY_TRAIN_ENABLE_STATE_TRACKING": "1"}
-        self._socket = socket
         self.address = self.dashboard = None
-
-    def free_port(self) -> int:
-        with self._socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            return s.getsockname()[1]
+        self.free_port = free_port
 
     def run(self, *cmd, timeout=600, env: dict | None = None):
         return self.start(*cmd, env=env).wait(timeout)

@@ -3,6 +3,8 @@
 import re
 from pathlib import Path
 
+import pytest
+
 from nikl_ray.backbones import BackboneSpec
 
 SOURCES = sorted((Path(__file__).resolve().parents[1] / "nikl_ray").rglob("*.py"))
@@ -24,6 +26,7 @@ def test_remote_code_is_off_unless_a_backbone_opts_in(tiny_backbones):
         assert "trust_remote_code=True" not in path.read_text(), path
 
 
+@pytest.mark.slow
 def test_a_local_ray_instance_serves_its_dashboard_on_loopback_only(ray_local):
     import ray
 
@@ -31,6 +34,7 @@ def test_a_local_ray_instance_serves_its_dashboard_on_loopback_only(ray_local):
     assert url.startswith("127.0.0.1:"), url
 
 
+@pytest.mark.slow
 def test_hub_tokens_never_reach_manifests(trained):
     exp = trained[0]
     for manifest in exp.results.rglob("manifest.json"):

@@ -52,3 +52,25 @@ def test_the_classical_member_gives_two_proper_probabilities_for_a_binary_task(s
     assert f.oof_probs.shape == (len(rows), 2)
     np.testing.assert_allclose(f.oof_probs.sum(1), 1, atol=1e-5)
     assert f.oof_probs[:, 1].std() > 0.01  # not a softmax over one logit (always 1.0)
+
+
+def test_the_public_api_runs_and_answers_for_a_whole_run(single_label_run):
+    """The run the fixture made through `nikl_ray.open_run` and `nikl_ray.pipeline` alone, used through
+    `nikl_ray` alone: a second pipeline call does nothing, the Predictor answers as the submission did."""
+    import nikl_ray as nr
+
+    raw, out = single_label_run
+    run = nr.open_run(raw)
+    stamps = {p: p.stat().st_mtime_ns for p in run.results.rglob("manifest.json")}
+    assert nr.pipeline(run)["chosen"] == out["chosen"]
+    assert stamps == {p: p.stat().st_mtime_ns for p in run.results.rglob("manifest.json")}
+    predictor = nr.Predictor.load(run.results)
+    submitted = out["submission"].read_text(encoding="utf-8").splitlines()[1:4]
+    for line in submitted:
+        _, text, label = line.split("\t")
+        probs, labels = predictor.predict_text(text)
+        assert labels == [predictor.task.labels[int(label)]] and set(probs) == {"negative", "positive"}
+    board = predictor.leaderboard()
+    assert [row["ensemble"] for row in board if row["role"] == "submitted"] == [out["chosen"]]
+    assert set(nr.__all__) >= {"open_run", "split", "pretrain", "tune", "train", "features", "ensemble", "pipeline",
+                               "Predictor"}

@@ -144,3 +144,25 @@ def csv_rows(path):
     import csv
 
     return csv.DictReader(open(path))
+
+
+def test_a_search_whose_every_trial_failed_says_so_by_name(tmp_path):
+    from ray.tune import Result
+
+    from nikl_ray.backbones import BackboneSpec
+    from nikl_ray.stages.tune import write_leaderboard
+
+    spec = BackboneSpec(name="neox", checkpoint="tiny:gpt_neox", mode="lora")
+    failed = [Result(metrics={}, checkpoint=None, error=RuntimeError("CUDA out of memory"), path=str(tmp_path / f"trial_{i}"))
+              for i in range(2)]
+    with pytest.raises(RuntimeError, match=r"tune neox: no trial of 2 reported a selection score \(error: RuntimeError\)"):
+        write_leaderboard(tmp_path, spec, ["lr"], failed, "eval_score")
+    assert not (tmp_path / "best_config.yaml").exists() and (tmp_path / "leaderboard.md").exists()
+
+
+def test_markdown_cells_keep_pipes_and_newlines_inside_their_cell():
+    from nikl_ray.tables import markdown
+
+    table = markdown([{"a|b": "x | y", "note": "line one\nline two"}])
+    header, _, row = table.splitlines()
+    assert header == r"| a\|b | note |" and row == r"| x \| y | line one<br>line two |"

@@ -35,12 +35,12 @@ def served(stacked, tmp_path_factory):
 
     from ray import serve
 
-    from conftest import RayCluster
+    from conftest import free_port
     from nikl_ray.serve import deploy
 
     copy = tmp_path_factory.mktemp("copied") / "run"
     shutil.copytree(stacked[0].results, copy)
-    url = deploy(copy, port=RayCluster("serve").free_port())
+    url = deploy(copy, port=free_port())
     yield stacked, url, copy
     serve.shutdown()
 

@@ -153,7 +153,11 @@ def write_leaderboard(out_dir: Path, spec: BackboneSpec, params: list[str], resu
     board.sort(key=lambda b: -score(b) if score(b) is not None else 1)
     write_table(out_dir / "leaderboard.csv", board)
     log.info("tune %s leaderboard:\n%s", spec.name, markdown(board))
-    best = next(b for b in board if score(b) is not None)
+    best = next((b for b in board if score(b) is not None), None)
+    if best is None:
+        errors = sorted({b["stopped_early"] for b in board})
+        raise RuntimeError(f"tune {spec.name}: no trial of {len(board)} reported a selection score ({', '.join(errors)}); "
+                           f"see {out_dir / 'leaderboard.md'} and each trial's error.txt under {out_dir / 'search'}")
     best_config = {p: best[p] for p in params}
     path = write_text(out_dir / "best_config.yaml",
                       f"# best of {len(board)} trials (selection score {score(best)}); applied by later stages\n"
