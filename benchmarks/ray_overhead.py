@@ -132,13 +132,13 @@ def one_run(run, setting: str) -> dict:
     """The driver of one Train run: in a thread of this process for IN_THREADS (as `launcher.run_all`
     drives the train stage's runs), in a Ray task of its own for the other settings."""
     from nikl_ray.launcher import fit_run
-    from nikl_ray.worker import FINAL
+    from nikl_ray.runfiles import final_path
 
     t0 = time.time()
     with setting_env(setting):
         fit_run(run, setting_trainer(setting, run))
     t_end = time.time()
-    final = json.loads((Path(run.storage) / run.name / FINAL).read_text())
+    final = json.loads(final_path(run.storage, run.name).read_text())
     clock = final["clock"]
     return {"setting": setting, "start": clock["fn_start"] - t0, "imports": clock["model_loaded"] - clock["fn_start"],
             "train": clock["trained"] - clock["model_loaded"], "finish": clock["fn_end"] - clock["trained"],

@@ -25,11 +25,11 @@ import logging
 import os
 import threading
 import time
-from pathlib import Path
 
 from nikl_ray.artifacts import read_json
+from nikl_ray.runfiles import final_path
 from nikl_ray.runspec import CHECKPOINT_RANK, FoldRun
-from nikl_ray.worker import FINAL, train_fold
+from nikl_ray.worker import train_fold
 
 log = logging.getLogger(__name__)
 
@@ -276,7 +276,7 @@ def fit_run(run: FoldRun, trainer=None) -> dict:
     result = (trainer or make_trainer(run)).fit()
     scored = len(run.select_idx) > 0
     best = result.get_best_checkpoint(metric=CHECKPOINT_RANK, mode="max") if scored else result.checkpoint
-    final = Path(run.storage) / run.name / FINAL
+    final = final_path(run.storage, run.name)
     return {"best_checkpoint": best.path, "latest_checkpoint": result.checkpoint.path,
             "metrics": read_json(final) if final.exists() else {}, "wall_seconds": time.time() - t0}
 

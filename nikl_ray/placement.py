@@ -83,6 +83,13 @@ def estimate_memory_bytes(shape: ModelShape, *, mode: str, batch_size: int, max_
     return (terms.weights_bytes + terms.trainable_params * 16 + activations) * 1.10
 
 
+def is_oom(e: BaseException) -> bool:
+    """Whether `e` says the device (or the host) ran out of memory."""
+    import torch
+
+    return isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in str(e).lower()
+
+
 def cap_memory(fraction: float | None, device: str) -> None:
     """Keep this process's allocator inside its planned share of the card (Placement.memory_fraction):
     Ray's fractional GPU only schedules. Called by every process that runs a model on a card (a

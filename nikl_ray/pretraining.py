@@ -10,7 +10,6 @@ and, on rank 0, saves the model (safetensors) and tokenizer for the later stages
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -19,10 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nikl_ray.backbones import BackboneSpec
-from nikl_ray.runspec import HF_CHECKPOINT
+from nikl_ray.runfiles import HF_CHECKPOINT, final_path, trainer_state
 
 log = logging.getLogger(__name__)
-FINAL = "final.json"
 STOP_CHECK_STEPS = 10  # how often the workers agree on the time budget
 
 
@@ -128,7 +126,7 @@ def pretrain_loop(config: dict) -> None:
     if checkpoint:  # a killed run: continue from its last checkpoint
         with checkpoint.as_directory() as ckpt_dir:
             path = os.path.join(ckpt_dir, HF_CHECKPOINT)
-            resumed_from = json.loads(Path(path, "trainer_state.json").read_text())["global_step"]
+            resumed_from = trainer_state(path)["global_step"]
             trainer.train(resume_from_checkpoint=path)
     else:
         trainer.train()
@@ -142,7 +140,7 @@ def pretrain_loop(config: dict) -> None:
     trainer.save_model(run.model_dir)  # safetensors, with the tokenizer (written by rank 0)
     if rank == 0:
         losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h and "step" in h]
-        write_json(out / FINAL, {
+        write_json(final_path(run.storage, run.name), {
             "steps": trainer.state.global_step, "resumed_from_step": resumed_from, "loss_curve": losses,
             "tokens_seen": trainer.state.num_input_tokens_seen, "heldout_loss": eval_loss,
             "heldout_perplexity": math.exp(min(eval_loss, 50)) if eval_loss == eval_loss else None,

@@ -1,8 +1,9 @@
 """A FoldRun: one (backbone, fold) resolved once — device, precision, gradient checkpointing,
 memory cap, Ray resources, which rows train, choose the epoch and are held out — and typed,
-because it crosses into Ray Train workers and Tune trials.
+because it crosses into Ray Train workers, Tune trials and features tasks.
 
-Train, tune and features build their runs here, so the same backbone always runs the same way.
+Train, tune and features build their runs here (`fold_run`, `final_run`), so the same backbone
+always runs the same way.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ import numpy as np
 
 from nikl_ray.backbones import BackboneSpec
 from nikl_ray.data import Rows, TextRows
+from nikl_ray.handoff import MADE, FeatureOrder  # noqa: F401 - MADE: tests/test_ensemble.py imports it from here
 from nikl_ray.placement import Placement
+from nikl_ray.runfiles import HF_CHECKPOINT  # noqa: F401 - status.py and the stages import it from here
 from nikl_ray.tasks import TaskSpec
 
-HF_CHECKPOINT = "checkpoint"  # the HF checkpoint folder inside a Ray checkpoint (RayTrainReportCallback)
-MADE = "made.json"  # beside a run's own features: the step of the weights that made them, and the test rows' hash
 SELECT_METRIC = "eval_score"  # a run's score on its selection slice (decision.selection_score), as Tune sees it
 # what Ray keeps a run's best checkpoint by: the selection score of an epoch that beat every earlier one, else
 # below the best so far. HF's best model is the first of equal scores; Ray's best checkpoint would be the last.
@@ -64,19 +65,7 @@ class Device:
         return spec.precision
 
     def gradient_checkpointing(self, spec: BackboneSpec) -> bool:
-        if spec.gradient_checkpointing is not None:
-            return spec.gradient_checkpointing
-        return self.device == "cuda" and spec.family == "decoder"
-
-
-@dataclass(frozen=True)
-class FeatureOrder:
-    """The features a final run writes from its model while it is loaded (the features stage takes
-    them instead of loading the fold model again): its held-out rows and the test rows at `test_idx`."""
-
-    dir: str
-    test_idx: np.ndarray
-    test_hash: str | None
+        return spec.checkpointing_on(gpu=self.device == "cuda")
 
 
 @dataclass(frozen=True)
@@ -96,7 +85,7 @@ class FoldRun:
     placement: Placement
     max_failures: int
     predict_heldout: bool = True  # score the held-out fold once at the end (not in tune trials)
-    features: FeatureOrder | None = None
+    features: FeatureOrder | None = None  # a final run's features to write (handoff)
     tags: dict = field(default_factory=dict)
 
     @property
@@ -118,6 +107,13 @@ def fold_run(exp, spec: BackboneSpec, fold: int, positions: tuple, data, placeme
     train, select, held = positions
     return FoldRun(spec, exp.task, fold, name, storage, data, train, select, held, device.device, device.precision(spec),
                    device.gradient_checkpointing(spec), placement, exp.resources.max_failures, predict_heldout, features)
+
+
+def final_run(exp, spec: BackboneSpec, fold: int, positions: tuple, data, placement: Placement, device: Device,
+              order: FeatureOrder | None) -> FoldRun:
+    """A pair's final run, as the train stage fits it and the features stage reads its fold model."""
+    return fold_run(exp, spec, fold, positions, data, placement, device, name=exp.layout.run_name(spec.name, fold),
+                    storage=str(exp.layout.train), features=order)
 
 
 def held_out_hash(folds: dict, fold: int) -> str:

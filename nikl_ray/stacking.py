@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from nikl_ray.decision import decide
+from nikl_ray.placement import cap_memory
 
 log = logging.getLogger(__name__)
 STACKS = {"stack": False, "stack+hidden": True}  # name → whether hidden states are stacked
@@ -73,8 +74,7 @@ def train_head(job: HeadJob, x: np.ndarray, y: np.ndarray) -> dict:
     torch.set_num_threads(1)
     torch.manual_seed(job.seed)
     dev = job.device if job.device == "cuda" and torch.cuda.is_available() else "cpu"
-    if dev == "cuda" and job.memory_fraction:
-        torch.cuda.set_per_process_memory_fraction(job.memory_fraction)
+    cap_memory(job.memory_fraction, job.device)
     rng = np.random.default_rng(job.seed)
     idx = rng.permutation(job.train_idx)
     n_stop = int(round(job.early_stopping * len(idx)))

@@ -5,28 +5,33 @@ It trains on the fold's training rows, evaluates the fold's *selection slice* af
 reports metrics and checkpoints to Ray through Ray's own `RayTrainReportCallback`. The held-out
 fold is predicted once at the end, for the train table only: it never chooses anything. A final
 run also writes, from that pass and one over its assigned test rows, the features the features
-stage would otherwise load the fold model again to compute (runspec.FeatureOrder). A model
+stage would otherwise load the fold model again to compute (nikl_ray/handoff.py). A model
 whose predictions are constant, or no better than always predicting the majority, is flagged
-`degenerate` (judged on the selection slice).
+`degenerate` (judged on the held-out fold).
+
+`train_fold` reads top to bottom; what it builds (the training arguments, the trainer, one fit
+attempt) is defined below it, and its HF callbacks in nikl_ray/train_callbacks.py, each from
+explicit arguments.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import gc
-import json
 import logging
 import os
 import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 
+from nikl_ray import handoff
 from nikl_ray.backbones import BackboneSpec, quiet_transformers
-from nikl_ray.runspec import CHECKPOINT_RANK, HF_CHECKPOINT, MADE, SELECT_METRIC, FoldRun
-
-FINAL = "final.json"  # what a run says after training: held-out scores, degeneracy, time in the function
+from nikl_ray.modes import mode_of
+from nikl_ray.placement import cap_memory, is_oom
+from nikl_ray.runfiles import HF_CHECKPOINT, final_path, read_history  # read_history: tests import it from here too
+from nikl_ray.runspec import SELECT_METRIC, FoldRun
 
 log = logging.getLogger(__name__)
 
@@ -67,12 +72,6 @@ def loss_function(kind: str, multi_label: bool):
 
 
 # ---------------------------------------------------------------------------- out of memory
-def is_oom(e: BaseException) -> bool:
-    import torch
-
-    return isinstance(e, (torch.cuda.OutOfMemoryError, MemoryError)) or "out of memory" in str(e).lower()
-
-
 def oom_message(spec: BackboneSpec, fold, estimate_gb, batch_size: int) -> str:
     est = f"{estimate_gb:.1f} GB" if estimate_gb is not None else "unknown"
     return (f"backbone {spec.name} fold {fold} ran out of memory at batch size {batch_size} "
@@ -136,12 +135,6 @@ def plain_decisions(probs: np.ndarray, multi_label: bool) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- the worker
-def read_history(checkpoint_dir: str | Path) -> list[dict]:
-    """The HF log history saved in a Ray checkpoint (per-epoch train loss and eval metrics)."""
-    state = Path(checkpoint_dir) / HF_CHECKPOINT / "trainer_state.json"
-    return json.loads(state.read_text())["log_history"]
-
-
 def quiet_worker(needs_bitsandbytes: bool) -> None:
     """Before the heavy imports of a Train worker (its own process): drop warnings a user cannot act on
     (quiet_transformers), and bitsandbytes where the run does not quantize: peft imports it eagerly
@@ -168,168 +161,43 @@ def train_fold(config: dict) -> None:
     """The Ray Train loop: `config["run"]` is the FoldRun to train. Outside Ray Train (a plain process,
     as `benchmarks/gpu_packing.py --no-ray` runs it) the same training runs without Ray's reports."""
     started = time.time()  # everything from here (imports included) counts as time in the function
-    quiet_worker(config["run"].backbone.mode == "qlora")
+    run: FoldRun = config["run"]
+    quiet_worker(mode_of(run.backbone).needs_bitsandbytes)
     # Ray's per-report lines go to its log files only (one of its loggers is named by file path,
     # so it reaches the console through the root logger); the Progress callback prints each epoch
     for name in ("ray.train", None):
         logging.getLogger(name).setLevel(logging.WARNING)
-    import functools
-
     import ray
     import ray.train
     import torch
-    from ray.train.huggingface.transformers import RayTrainReportCallback
-    from transformers import (DataCollatorWithPadding, EarlyStoppingCallback, PrinterCallback, Trainer, TrainerCallback,
-                              TrainingArguments, set_seed)
+    from transformers import set_seed
 
-    from nikl_ray.backbones import load_for_classification, load_tokenizer
+    from nikl_ray.artifacts import write_json
+    from nikl_ray.backbones import load_tokenizer
     from nikl_ray.encode import to_dataset
     from nikl_ray.members import embed
-    from nikl_ray.decision import selection_score
-    from nikl_ray.metrics import scores, to_probs
 
-    run: FoldRun = config["run"]
     spec, task = run.backbone, run.task
     data = ray.get(run.data) if isinstance(run.data, ray.ObjectRef) else run.data
     set_seed(spec.seed)
+    cap_memory(run.memory_fraction, run.device)
     on_cuda = run.device == "cuda" and torch.cuda.is_available()
-    if on_cuda and run.memory_fraction:
-        # Ray's fractional GPU only schedules; this is what keeps the trial inside its share.
-        torch.cuda.set_per_process_memory_fraction(run.memory_fraction)
-
-    clock = {"fn_start": started}
-    tokenizer = load_tokenizer(spec)
-
-    def load():
-        model = load_for_classification(spec, len(task.labels), task.multi_label, tokenizer, precision=run.precision,
-                                        gradient_checkpointing=run.gradient_checkpointing)
-        if spec.uses_adapter:
-            # Every new (marker) embedding row is a trainable token (LoRA) or the mean init transformers
-            # gives it on every load (prompt): the resized embedding matrix need not be saved.
-            model.save_pretrained = functools.partial(model.save_pretrained, save_embedding_layers=False)
-        return model
-
-    make = lambda idx: to_dataset(tokenizer, spec, data.inputs.take(idx), data.labels[idx], task.multi_label)  # noqa: E731
-    train_ds = make(run.train_idx)
-    select_ds = make(run.select_idx) if len(run.select_idx) else None
-
-    def compute_metrics(pred):
-        logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
-        y = pred.label_ids if task.multi_label else np.eye(len(task.labels))[pred.label_ids.astype(int)]
-        probs = to_probs(logits.astype(np.float64), task.multi_label)
-        out = scores(y, plain_decisions(probs, task.multi_label), task.labels, task.multi_label)
-        out["score"] = selection_score(probs, y, task.multi_label)
-        return out
-
-    class ResourceLog(TrainerCallback):
-        """Adds time-in-function, peak device memory and the step this process started from (0, or
-        the step of the checkpoint it resumed) to the log after each epoch: before the epoch's
-        checkpoint is written, so each checkpoint holds its own entry."""
-
-        start_step = 0
-
-        def on_train_begin(self, args, state, control, **kw):
-            self.start_step = state.global_step  # HF has restored the checkpoint's state by now
-
-        def on_epoch_end(self, args, state, control, **kw):
-            extra = {"train_fn_seconds": time.time() - started, "resumed_from_step": self.start_step}
-            if on_cuda:
-                extra["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1024**3
-            state.log_history.append(extra)
-
-    class RankForRay(TrainerCallback):
-        """Each evaluated epoch's CHECKPOINT_RANK, so that Ray keeps the checkpoint of HF's best epoch."""
-
-        def on_evaluate(self, args, state, control, metrics=None, **kw):
-            score, best = metrics[SELECT_METRIC], state.best_metric  # HF counts this epoch into best_metric after
-            state.log_history.append({CHECKPOINT_RANK: score if best is None or score > best else score - 1.0})
-
-    class BestKeptByRay(TrainerCallback):
-        """A resumed run's HF state names its best epoch's checkpoint in the killed process's temporary
-        folder: gone (HF forgets it and would end on the last epoch's weights) or maybe half-deleted.
-        Ray holds that epoch's checkpoint (RankForRay): HF loads Ray's copy at the end."""
-
-        def on_train_begin(self, args, state, control, **kw):
-            if not (checkpoint and state.best_global_step):
-                return
-            # the restored state's best step is at most the resumed step: none of this attempt's reports has it
-            kept = [c.checkpoint.path for c in ray.train.get_all_reported_checkpoints()
-                    if c.metrics.get("step") == state.best_global_step]
-            if kept:
-                state.best_model_checkpoint = os.path.join(kept[-1], HF_CHECKPOINT)
-            else:
-                log.warning("%s: Ray holds no checkpoint of the best epoch (step %d): the run ends on the last "
-                            "epoch's weights", run.name, state.best_global_step)
-                state.best_model_checkpoint = None
-
-    class Progress(TrainerCallback):
-        """One line per epoch (in the driver's console through Ray): loss and selection score."""
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            logs = logs or {}
-            if SELECT_METRIC in logs or ("loss" in logs and not select):
-                scored = [h[SELECT_METRIC] for h in state.log_history if SELECT_METRIC in h]
-                loss = next((h["loss"] for h in reversed(state.log_history) if "loss" in h), float("nan"))
-                where = (f", selection score {scored[-1]:.4f} (best {max(scored):.4f})" if scored else "")
-                print(f"{run.name} epoch {round(state.epoch or 0)}/{args.num_train_epochs:g}: train loss {loss:.4f}{where}",
-                      flush=True)
-
-    select = select_ds is not None
-
-    # transformers renamed gradient_checkpointing (the old name warns in 5.2x; 5.17 knows only it)
-    checkpointing_arg = ("activation_checkpointing" if "activation_checkpointing"
-                         in {f.name for f in dataclasses.fields(TrainingArguments)} else "gradient_checkpointing")
-
-    fits = []  # one entry per attempt (run_with_oom_retry): its spec
-
-    def build_trainer(spec: BackboneSpec, model):
-        args = TrainingArguments(
-            # a folder per attempt: Ray's callback copies the highest-numbered checkpoint in it, which
-            # must not be one an earlier (out-of-memory) attempt left
-            output_dir=os.path.join(out_dir, f"attempt{len(fits)}"), num_train_epochs=spec.epochs,
-            learning_rate=spec.lr, weight_decay=spec.weight_decay,
-            warmup_steps=spec.warmup_ratio, per_device_train_batch_size=spec.batch_size,
-            per_device_eval_batch_size=spec.batch_size * 2, gradient_accumulation_steps=spec.grad_accum,
-            eval_strategy="epoch" if select else "no", save_strategy="epoch", logging_strategy="epoch",
-            load_best_model_at_end=select, metric_for_best_model="score" if select else None, greater_is_better=True,
-            save_total_limit=2, seed=spec.seed, data_seed=spec.seed, report_to="none", disable_tqdm=True,
-            dataloader_num_workers=0, use_cpu=not on_cuda, fp16=on_cuda and run.precision == "fp16",
-            bf16=on_cuda and run.precision == "bf16", **{checkpointing_arg: run.gradient_checkpointing})
-        callbacks = [ResourceLog(), Progress()] + ([RayTrainReportCallback()] if ray_train else [])
-        if select:
-            callbacks[:0] = [EarlyStoppingCallback(spec.early_stopping_patience), RankForRay(), BestKeptByRay()]
-        trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=select_ds,
-                          data_collator=DataCollatorWithPadding(tokenizer), processing_class=tokenizer,
-                          compute_metrics=compute_metrics, callbacks=callbacks,
-                          compute_loss_func=loss_function(spec.loss, task.multi_label))
-        trainer.remove_callback(PrinterCallback)  # its raw dict per log line; Progress says it once
-        return trainer
-
     ray_train = in_ray_train()
     checkpoint = ray.train.get_checkpoint() if ray_train else None
     if checkpoint:
-        # Tell whoever listens now the epochs the run already has (a Tune trial restarted with a
-        # killed search hears only from here on; a run restored after its last epoch reports nothing new).
-        with checkpoint.as_directory() as ckpt_dir:
-            for entry in read_history(ckpt_dir):
-                if SELECT_METRIC in entry:
-                    ray.train.report(entry)
-
-    def fit(spec: BackboneSpec, model):
-        fits.append(spec)
-        trainer = build_trainer(spec, model)
-        if checkpoint:  # restarted after a failure or a killed driver: continue mid-run
-            with checkpoint.as_directory() as ckpt_dir:
-                trainer.train(resume_from_checkpoint=os.path.join(ckpt_dir, HF_CHECKPOINT))
-        else:
-            trainer.train()
-        return trainer
-
-    model = load()
+        report_restored_epochs(checkpoint)
+    clock = {"fn_start": started}
+    # load: the tokenizer, the fold's rows, the model
+    tokenizer = load_tokenizer(spec)
+    make = lambda idx: to_dataset(tokenizer, spec, data.inputs.take(idx), data.labels[idx], task.multi_label)  # noqa: E731
+    train_ds, select_ds = make(run.train_idx), make(run.select_idx) if len(run.select_idx) else None
+    model = load_model(run, tokenizer)
     clock["model_loaded"] = time.time()
-    # HF Trainer's output_dir, gone once training ends: Ray copied each epoch's checkpoint into the run's storage
+    # fit, retried at half the batch on out-of-memory where the spec allows it; HF Trainer's output
+    # folder is gone once training ends: Ray copied each epoch's checkpoint into the run's storage
     with tempfile.TemporaryDirectory(prefix="nikl-ray-hf-", ignore_cleanup_errors=True) as out_dir:
-        trainer = run_with_oom_retry(spec, run.fold, run.estimate_gb, model, fit, load)
+        fit = FitAttempts(run, tokenizer, train_ds, select_ds, out_dir, checkpoint, ray_train, on_cuda, started)
+        trainer = run_with_oom_retry(spec, run.fold, run.estimate_gb, model, fit, functools.partial(load_model, run, tokenizer))
     clock["trained"] = time.time()
     speed = next((h for h in reversed(trainer.state.log_history) if "train_runtime" in h), {})
     final = {"train_steps_per_second": speed.get("train_steps_per_second"),
@@ -337,26 +205,130 @@ def train_fold(config: dict) -> None:
              "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1024**3 if on_cuda else None}
     if run.predict_heldout:
         # one pass over the held-out rows serves the table and, in a final run, the features stage
-        trainer.optimizer = trainer.lr_scheduler = None
-        trainer.accelerator.free_memory()  # the optimizer's state (accelerate holds it too) and cached blocks
-        # without the mixed-precision wrapper: the model runs as a loaded fold model does (load_trained)
-        model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False).eval()
-        batch = trainer.args.per_device_eval_batch_size
+        model, batch = inference_model(trainer), trainer.args.per_device_eval_batch_size
         held = embed(spec, tokenizer, model, data.inputs.take(run.heldout_idx), task.multi_label, batch_size=batch)
         final.update(heldout_report(held[1], data, run))
-        # Which weights are in hand is certain only for one uninterrupted attempt: a resumed run has its
-        # best epoch's only if Ray still held them (BestKeptByRay), and an OOM retry's Ray run holds the
-        # first attempt's checkpoints too. Otherwise the features stage computes them.
-        if run.features is not None and not checkpoint and len(fits) == 1:
-            write_features(run, data, spec, tokenizer, model, held, weights_step(trainer, select), batch)
+        step = handoff.step_in_hand(trainer, select_ds is not None, resumed=bool(checkpoint), attempts=len(fit.specs))
+        if run.features is not None and step is not None:
+            handoff.write(run, data, tokenizer, model, held, step, batch)
     clock["fn_end"] = time.time()
+    context = ray.get_runtime_context() if ray_train else None
     final.update(train_fn_seconds=clock["fn_end"] - started, clock=clock, pid=os.getpid(),
-                 node=ray.get_runtime_context().get_node_id() if ray_train else None,
-                 gpu_ids=ray.get_runtime_context().get_accelerator_ids().get("GPU", []) if ray_train else [])
+                 node=context.get_node_id() if context else None,
+                 gpu_ids=context.get_accelerator_ids().get("GPU", []) if context else [])
     # beside the run's checkpoints (Ray keeps only reports that carry a checkpoint in its result)
-    from nikl_ray.artifacts import write_json
+    write_json(final_path(run.storage, run.name), final)
 
-    write_json(Path(run.storage) / run.name / FINAL, final)
+
+# ---------------------------------------------------------------------------- what train_fold builds
+def report_restored_epochs(checkpoint) -> None:
+    """Tell whoever listens now the epochs the run already has (a Tune trial restarted with a killed
+    search hears only from here on; a run restored after its last epoch reports nothing new)."""
+    import ray.train
+
+    with checkpoint.as_directory() as ckpt_dir:
+        for entry in read_history(ckpt_dir):
+            if SELECT_METRIC in entry:
+                ray.train.report(entry)
+
+
+def load_model(run: FoldRun, tokenizer):
+    """The model to train, for the run's mode, precision and checkpointing."""
+    from nikl_ray.backbones import load_for_classification
+
+    spec = run.backbone
+    model = load_for_classification(spec, len(run.task.labels), run.task.multi_label, tokenizer, precision=run.precision,
+                                    gradient_checkpointing=run.gradient_checkpointing)
+    if mode_of(spec).adapter:
+        # Every new (marker) embedding row is a trainable token (LoRA) or the mean init transformers
+        # gives it on every load (prompt): the resized embedding matrix need not be saved.
+        model.save_pretrained = functools.partial(model.save_pretrained, save_embedding_layers=False)
+    return model
+
+
+def inference_model(trainer):
+    """The trained model for the held-out and test passes, run as a loaded fold model is
+    (backbones.load_trained): without accelerate's mixed-precision wrapper, in eval mode, after the
+    optimizer's state (accelerate holds it too) and cached blocks are released."""
+    trainer.optimizer = trainer.lr_scheduler = None
+    trainer.accelerator.free_memory()
+    return trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False).eval()
+
+
+def compute_metrics(pred, task) -> dict:
+    """HF Trainer's metrics of the selection slice: scores at plain decisions, and the selection score."""
+    from nikl_ray.decision import selection_score
+    from nikl_ray.metrics import scores, to_probs
+
+    logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
+    y = pred.label_ids if task.multi_label else np.eye(len(task.labels))[pred.label_ids.astype(int)]
+    probs = to_probs(logits.astype(np.float64), task.multi_label)
+    out = scores(y, plain_decisions(probs, task.multi_label), task.labels, task.multi_label)
+    out["score"] = selection_score(probs, y, task.multi_label)
+    return out
+
+
+def training_arguments(spec: BackboneSpec, run: FoldRun, output_dir: str, select: bool, on_cuda: bool):
+    """HF TrainingArguments of one attempt (`spec` may be an out-of-memory retry's)."""
+    from transformers import TrainingArguments
+
+    # transformers renamed gradient_checkpointing (the old name warns in 5.2x; 5.17 knows only it)
+    checkpointing = ("activation_checkpointing" if "activation_checkpointing"
+                     in {f.name for f in dataclasses.fields(TrainingArguments)} else "gradient_checkpointing")
+    return TrainingArguments(
+        output_dir=output_dir, num_train_epochs=spec.epochs, learning_rate=spec.lr, weight_decay=spec.weight_decay,
+        warmup_steps=spec.warmup_ratio, per_device_train_batch_size=spec.batch_size,
+        per_device_eval_batch_size=spec.batch_size * 2, gradient_accumulation_steps=spec.grad_accum,
+        eval_strategy="epoch" if select else "no", save_strategy="epoch", logging_strategy="epoch",
+        load_best_model_at_end=select, metric_for_best_model="score" if select else None, greater_is_better=True,
+        save_total_limit=2, seed=spec.seed, data_seed=spec.seed, report_to="none", disable_tqdm=True,
+        dataloader_num_workers=0, use_cpu=not on_cuda, fp16=on_cuda and run.precision == "fp16",
+        bf16=on_cuda and run.precision == "bf16", **{checkpointing: run.gradient_checkpointing})
+
+
+class FitAttempts:
+    """`fit(spec, model)` for run_with_oom_retry: one HF Trainer per attempt, trained (resumed from the
+    run's Ray checkpoint when it has one); `specs` lists each attempt's spec."""
+
+    def __init__(self, run: FoldRun, tokenizer, train_ds, select_ds, out_dir: str, checkpoint, ray_train: bool,
+                 on_cuda: bool, started: float):
+        self.run, self.tokenizer, self.train_ds, self.select_ds = run, tokenizer, train_ds, select_ds
+        self.out_dir, self.checkpoint, self.ray_train, self.on_cuda, self.started = out_dir, checkpoint, ray_train, on_cuda, started
+        self.specs: list[BackboneSpec] = []
+
+    def __call__(self, spec: BackboneSpec, model):
+        # a folder per attempt: Ray's callback copies the highest-numbered checkpoint in it, which
+        # must not be one an earlier (out-of-memory) attempt left
+        trainer = self.trainer(spec, model, os.path.join(self.out_dir, f"attempt{len(self.specs)}"))
+        self.specs.append(spec)
+        if self.checkpoint:  # restarted after a failure or a killed driver: continue mid-run
+            with self.checkpoint.as_directory() as ckpt_dir:
+                trainer.train(resume_from_checkpoint=os.path.join(ckpt_dir, HF_CHECKPOINT))
+        else:
+            trainer.train()
+        return trainer
+
+    def trainer(self, spec: BackboneSpec, model, output_dir: str):
+        from transformers import DataCollatorWithPadding, EarlyStoppingCallback, PrinterCallback, Trainer
+
+        from nikl_ray.train_callbacks import BestKeptByRay, Progress, RankForRay, ResourceLog
+
+        run, select = self.run, self.select_ds is not None
+        callbacks = [ResourceLog(self.started, self.on_cuda), Progress(run.name, select)]
+        if self.ray_train:
+            from ray.train.huggingface.transformers import RayTrainReportCallback
+
+            callbacks.append(RayTrainReportCallback())
+        if select:
+            callbacks[:0] = [EarlyStoppingCallback(spec.early_stopping_patience), RankForRay(),
+                             BestKeptByRay(run.name, resumed=bool(self.checkpoint))]
+        trainer = Trainer(model=model, args=training_arguments(spec, run, output_dir, select, self.on_cuda),
+                          train_dataset=self.train_ds, eval_dataset=self.select_ds,
+                          data_collator=DataCollatorWithPadding(self.tokenizer), processing_class=self.tokenizer,
+                          compute_metrics=functools.partial(compute_metrics, task=run.task), callbacks=callbacks,
+                          compute_loss_func=loss_function(spec.loss, run.task.multi_label))
+        trainer.remove_callback(PrinterCallback)  # its raw dict per log line; Progress says it once
+        return trainer
 
 
 def heldout_report(probs: np.ndarray, data, run: FoldRun) -> dict:
@@ -369,34 +341,3 @@ def heldout_report(probs: np.ndarray, data, run: FoldRun) -> dict:
                                                 task.multi_label).items()}
     out["degenerate"] = degenerate_reason(y_held, probs, data.labels[run.train_idx], task.multi_label)
     return out
-
-
-def weights_step(trainer, select: bool) -> int:
-    """The step of the weights in the trainer's model: the best epoch's, which HF loaded at the end, when an
-    epoch was chosen; else the last."""
-    best = trainer.state.best_global_step
-    return best if select and best else trainer.state.global_step
-
-
-def write_features(run: FoldRun, data, spec: BackboneSpec, tokenizer, model, held: tuple, step: int,
-                   batch_size: int) -> None:
-    """The run's FeatureOrder from the model in hand, in the features stage's format; `held` = the
-    held-out rows' (hidden, probs). Out of device memory, it leaves them to the features stage."""
-    from nikl_ray.artifacts import write_json
-    from nikl_ray.data import TextRows
-    from nikl_ray.members import embed, save_features
-
-    order = run.features
-    (Path(order.dir) / MADE).unlink(missing_ok=True)  # written last: no stamp on half-written features
-    test = data.test.take(order.test_idx) if data.test is not None else TextRows([], [], [])
-    try:
-        hidden, probs = embed(spec, tokenizer, model, test, run.task.multi_label, batch_size=batch_size)
-    except Exception as e:
-        if not is_oom(e):
-            raise
-        logging.getLogger(__name__).warning("%s: out of device memory making its features; the features stage will "
-                                            "compute them", run.name)
-        return
-    save_features(Path(order.dir), {"oof": {"ids": [data.ids[i] for i in run.heldout_idx], "hidden": held[0], "probs": held[1]},
-                                    "test": {"ids": [data.test_ids[i] for i in order.test_idx], "hidden": hidden, "probs": probs}})
-    write_json(Path(order.dir) / MADE, {"step": step, "test_hash": order.test_hash})

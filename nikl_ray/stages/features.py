@@ -5,10 +5,11 @@ For each (member, fold): the out-of-fold rows (the fold's held-out rows) and the
 A test row is assigned to one fold model by a stable hash of its content (runspec.assign), so
 it is predicted exactly as an out-of-fold row is: by one fold model that never saw it. Saved as
 `.npy` (read with allow_pickle=False) + ids in JSON, so members are always joined by id.
-A final Train run writes its fold model's features itself while the model is loaded (see
-runspec.FeatureOrder): they are taken when they are of the run's best checkpoint and of these
-rows. Otherwise one named Ray task per (member, fold) computes them, with the fold model's card
-share from the plan.
+A final Train run writes its fold model's features itself while the model is loaded
+(nikl_ray/handoff.py): they are taken when they are of the run's best checkpoint and of these
+rows. Otherwise one named Ray task per (member, fold) computes them, from the same FoldRun the
+train stage fitted (runspec.final_run: its held-out rows, test rows, device, precision and card
+share from the plan).
 """
 
 from __future__ import annotations
@@ -21,15 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-from nikl_ray.artifacts import load_manifest, manifest_problem, read_json, sha256_file, write_manifest
-from nikl_ray.backbones import BackboneSpec
+from nikl_ray import handoff
+from nikl_ray.artifacts import MANIFEST, load_manifest, manifest_problem, sha256_file, write_manifest
 from nikl_ray.config import Experiment
 from nikl_ray.data import TextRows
 from nikl_ray.folds import fold_positions
 from nikl_ray.inputs import Inputs
-from nikl_ray.members import (CLASSICAL, classical_probs, fit_classical, member_names, read_features, save_classical,
-                              save_features)
-from nikl_ray.runspec import MADE, answering_positions, held_out_hash
+from nikl_ray.members import CLASSICAL, classical_probs, fit_classical, member_names, save_classical, save_features
+from nikl_ray.runspec import FoldRun, answering_positions, final_run, held_out_hash
 
 log = logging.getLogger(__name__)
 
@@ -44,11 +44,8 @@ class FeatureJob:
     oof: TextRows
     test_ids: list[str]
     test: TextRows
-    spec: BackboneSpec | None = None  # neural members
+    run: FoldRun | None = None  # neural members: the pair's final run, whose best checkpoint reads the rows
     checkpoint: str | None = None
-    precision: str = "fp32"
-    device: str = "cpu"
-    memory_fraction: float | None = None
     train: TextRows | None = None  # the classical member fits here
     train_labels: np.ndarray | None = None
     progress: bool = False  # progress bars (in the driver's console): only when it is a terminal
@@ -56,20 +53,19 @@ class FeatureJob:
 
 def neural_features(job: FeatureJob) -> dict:
     """Ray task: embed the held-out fold and the assigned test rows with one trained fold model."""
-    import torch
-
     from nikl_ray.backbones import load_trained
     from nikl_ray.members import embed
+    from nikl_ray.placement import cap_memory
 
-    if job.device == "cuda" and job.memory_fraction:
-        torch.cuda.set_per_process_memory_fraction(job.memory_fraction)
-    tokenizer, model = load_trained(job.spec, job.checkpoint, job.num_labels, job.multi_label, precision=job.precision)
-    if job.device == "cuda":
+    run = job.run
+    cap_memory(run.memory_fraction, run.device)
+    tokenizer, model = load_trained(run.backbone, job.checkpoint, job.num_labels, job.multi_label, precision=run.precision)
+    if run.device == "cuda":
         model.to("cuda")
     out = {}
     for part, ids, rows in (("oof", job.oof_ids, job.oof), ("test", job.test_ids, job.test)):
         t0 = time.time()
-        hidden, probs = embed(job.spec, tokenizer, model, rows, job.multi_label,
+        hidden, probs = embed(run.backbone, tokenizer, model, rows, job.multi_label,
                               progress=f"features {job.member}-fold{job.fold} {part}" if job.progress else None)
         out[part] = {"ids": ids, "hidden": hidden, "probs": probs, "seconds": time.time() - t0}
     return out
@@ -86,19 +82,15 @@ def classical_features(job: FeatureJob) -> dict:
     return out
 
 
-def made_by_its_run(made: Path, best: Path, oof_ids: list[str], test_ids: list[str], test_hash: str | None) -> dict | None:
-    """The features a fold's final Train run wrote (runspec.FeatureOrder), when they come from the
-    weights of its best checkpoint `best` and are of these rows; None otherwise (a run resumed after a
-    kill or retried out of memory writes none: which weights it ends with is not certain)."""
-    try:
-        stamp = read_json(made / MADE)
-        out = read_features(made)
-        best_step = read_json(best / "trainer_state.json")["global_step"]
-    except (OSError, ValueError, KeyError):
-        return None
-    if (stamp["step"], stamp["test_hash"], out["oof"]["ids"], out["test"]["ids"]) != (best_step, test_hash, oof_ids, test_ids):
-        return None
-    return out
+made_by_its_run = handoff.take  # the features a fold's final run wrote, when of its best checkpoint and these rows
+
+
+def rows_of(exp: Experiment, rows, test, held_idx: np.ndarray, test_idx: np.ndarray, member: str, fold: int) -> dict:
+    """A job's rows: the fold's held-out rows and the test rows its fold model answers for."""
+    return dict(member=member, fold=fold, multi_label=exp.task.multi_label, num_labels=len(exp.task.labels),
+                oof_ids=[rows.ids[i] for i in held_idx], oof=rows.inputs().take(held_idx),
+                test_ids=[test.ids[i] for i in test_idx] if test is not None else [],
+                test=test.inputs().take(test_idx) if test is not None else TextRows([], [], []))
 
 
 def _save(d: Path, out: dict, inputs: dict) -> None:
@@ -121,36 +113,31 @@ def run(exp: Experiment, data: Inputs) -> Path:
     pending = {}
     for member in member_names(exp):
         for fold in range(k):
-            train_idx, select_idx, held_idx = fold_positions(rows, folds, fold)
-            picked = answering[fold]
-            common = dict(member=member, fold=fold, multi_label=exp.task.multi_label, num_labels=len(exp.task.labels),
-                          oof_ids=[rows.ids[i] for i in held_idx], oof=rows.inputs().take(held_idx),
-                          test_ids=[test.ids[i] for i in picked] if test is not None else [],
-                          test=test.inputs().take(picked) if test is not None else TextRows([], [], []))
+            positions = fold_positions(rows, folds, fold)
             if member == CLASSICAL:
-                fit_idx = np.concatenate([train_idx, select_idx])  # no epochs to choose: it fits on the whole training part
+                train_idx, select_idx, held_idx = positions
                 inputs = {"member": member, "data_hash": folds["data_hash"], "fold": fold, "k": k,
                           "held_out_hash": held_out_hash(folds, fold), "test_hash": test_hash,
                           "task": exp.task.model_dump(mode="json")}
-                job = FeatureJob(**common, train=rows.inputs().take(fit_idx), train_labels=rows.labels[fit_idx])
+                fit_idx = np.concatenate([train_idx, select_idx])  # no epochs to choose: it fits on the whole training part
+                job = FeatureJob(**rows_of(exp, rows, test, held_idx, answering[fold], member, fold),
+                                 train=rows.inputs().take(fit_idx), train_labels=rows.labels[fit_idx])
                 fn, opts = classical_features, {"num_cpus": 1}
             else:
                 spec, pair = exp.backbone(member), layout.pair(member, fold)
-                p = stage.placements[member]
+                run_ = final_run(exp, spec, fold, positions, None, stage.placements[member], stage.device,
+                                 handoff.order(layout, member, fold, answering[fold], test_hash))
                 # the train manifest vouches for the weights' checksums: new weights, new features
-                inputs = {"member": member, "train_manifest": sha256_file(pair / "manifest.json"), "k": k,
-                          "test_hash": test_hash}
-                job = FeatureJob(**common, spec=spec, checkpoint=str(pair / load_manifest(pair)["best_checkpoint"]),
-                                 progress=sys.stderr.isatty(),
-                                 precision=stage.device.precision(spec), device=stage.device.device,
-                                 memory_fraction=p.memory_fraction if stage.device.device == "cuda" else None)
-                fn, opts = neural_features, {"num_cpus": p.cpus, "num_gpus": p.gpu_share}
+                inputs = {"member": member, "train_manifest": sha256_file(pair / MANIFEST), "k": k, "test_hash": test_hash}
+                job = FeatureJob(**rows_of(exp, rows, test, run_.heldout_idx, run_.features.test_idx, member, fold), run=run_,
+                                 checkpoint=str(pair / load_manifest(pair)["best_checkpoint"]), progress=sys.stderr.isatty())
+                fn, opts = neural_features, {"num_cpus": run_.placement.cpus, "num_gpus": run_.placement.gpu_share}
             d = layout.features(member, fold)
             why = manifest_problem(d, inputs, __name__)
             if why is None:
                 continue
-            made = None if member == CLASSICAL else made_by_its_run(layout.run_features(member, fold), Path(job.checkpoint),
-                                                                     job.oof_ids, job.test_ids, test_hash)
+            made = None if member == CLASSICAL else handoff.take(Path(job.run.features.dir), Path(job.checkpoint),
+                                                                  job.oof_ids, job.test_ids, test_hash)
             if made is not None:
                 _save(d, made, inputs)
                 log.info("features %s-fold%d: %s → taken from its train run", member, fold, why)

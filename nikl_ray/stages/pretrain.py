@@ -19,9 +19,11 @@ import logging
 from pathlib import Path
 
 from nikl_ray.artifacts import fresh_run_dir, manifest_problem, read_json, write_manifest, write_text
-from nikl_ray.config import Experiment, pretrain_corpus
+from nikl_ray.config import Experiment
 from nikl_ray.corpus import corpus_hash, split_heldout
-from nikl_ray.pretraining import FINAL, PretrainRun, pretrain_loop
+from nikl_ray.pretraining import PretrainRun, pretrain_loop
+from nikl_ray.run import pretrain_corpus
+from nikl_ray.runfiles import final_path
 from nikl_ray.tables import markdown
 
 log = logging.getLogger(__name__)
@@ -76,7 +78,7 @@ def run(exp: Experiment, backbones: list[str] | None = None) -> dict[str, Path]:
             run_config=RunConfig(name=run_.name, storage_path=str(d), failure_config=FailureConfig(max_failures=exp.resources.max_failures),
                                  checkpoint_config=CheckpointConfig(num_to_keep=1), logging_config=LoggingConfig(log_level="WARNING")))
         trainer.fit()
-        final = read_json(d / run_.name / FINAL)
+        final = read_json(final_path(d, run_.name))
         workers_seen = [read_json(f) for f in sorted((d / run_.name).glob("worker*.json"))]
         report = write_report(d, spec, info, final, workers_seen, len(train_texts), len(held))
         files = [f for f in layout.pretrained(spec.name).iterdir() if f.suffix in (".safetensors", ".json")]

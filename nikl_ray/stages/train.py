@@ -6,8 +6,8 @@
 Each run is a FoldRun (runspec) placed by the plan: a 1/k card share, or CPUs on a CPU machine.
 Ray runs as many at once as the cluster holds. A run picks its epoch on its fold's selection
 slice, scores its held-out fold once at the end and writes its features from the model in hand
-(the features stage takes them). A pair whose manifest matches is skipped; an interrupted pair
-resumes from its last checkpoint. The table (`train/summary.md`) shows each run's selection and
+(nikl_ray/handoff.py: the features stage takes them). A pair whose manifest matches is skipped;
+an interrupted pair resumes from its last checkpoint. The table (`train/summary.md`) shows each run's selection and
 held-out scores and flags degenerate models loudly.
 """
 
@@ -22,10 +22,10 @@ from nikl_ray.config import Experiment
 from nikl_ray.folds import fold_positions
 from nikl_ray.inputs import Inputs
 from nikl_ray.metrics import metric_name
-from nikl_ray.runspec import (HF_CHECKPOINT, SELECT_METRIC, FeatureOrder, FoldRun, RowsPayload, answering_positions,
-                              fold_run, held_out_hash)
+from nikl_ray import handoff
+from nikl_ray.runfiles import HF_CHECKPOINT, read_history
+from nikl_ray.runspec import SELECT_METRIC, FoldRun, RowsPayload, answering_positions, final_run, held_out_hash
 from nikl_ray.tables import markdown, write_table
-from nikl_ray.worker import read_history
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +74,9 @@ def run(exp: Experiment, data: Inputs, *, backbones: list[str] | None = None) ->
                 continue
             log.info("train %s: %s → training", layout.run_name(spec.name, fold), why)
             fresh_run_dir(layout.pair(spec.name, fold), pair_inputs(exp, spec, fold, folds), __name__)
-            runs.append(fold_run(exp, spec, fold, fold_positions(data.rows, folds, fold), payload,
-                                 stage.placements[spec.name], stage.device, name=layout.run_name(spec.name, fold),
-                                 storage=str(layout.train),
-                                 features=FeatureOrder(str(layout.run_features(spec.name, fold)), answering[fold],
-                                                       test_hash)))
+            runs.append(final_run(exp, spec, fold, fold_positions(data.rows, folds, fold), payload,
+                                  stage.placements[spec.name], stage.device,
+                                  handoff.order(layout, spec.name, fold, answering[fold], test_hash)))
     failures = []
     metric = metric_name(exp.task.multi_label)
 
