@@ -79,9 +79,9 @@ def before_trainer(run):
 def with_dataset_manager() -> type:
     """The launcher's trainer class with Ray Train's DatasetsCallback kept (the `datasets` setting).
     Built per call: a cached function in `__main__` would not reach the Ray tasks that drive runs."""
-    from nikl_ray.launcher import _trainer_classes
+    from nikl_ray.launcher import trainer_classes
 
-    return type("WithDatasetManager", (_trainer_classes()[1],), {"keep_datasets_callback": True})
+    return type("WithDatasetManager", (trainer_classes()[1],), {"keep_datasets_callback": True})
 
 
 def setting_trainer(setting: str, run):
@@ -202,6 +202,7 @@ def bare(args, settings: tuple[str, ...]) -> int:
     from ray.util.state import list_actors
 
     from nikl_ray.artifacts import write_json, write_text
+    from nikl_ray import ray_private
     from nikl_ray.cluster import api_server, connect
     from nikl_ray.launcher import start_guardian
     from nikl_ray.tables import markdown
@@ -210,7 +211,7 @@ def bare(args, settings: tuple[str, ...]) -> int:
     (out / "runs").mkdir(parents=True, exist_ok=True)
     connect(local=True, num_cpus=2)
     start_guardian()
-    logs = ray._private.worker.global_worker.node.get_logs_dir_path()
+    logs = ray_private.logs_dir()
     runner = ray.remote(num_cpus=0)(bare_run)
 
     def controllers() -> dict:

@@ -112,8 +112,10 @@ def dashboard_url() -> str | None:
     """The connected cluster's dashboard, as an http:// address (None without one)."""
     if _api_server is not None:
         return _api_server
+    from nikl_ray.ray_private import dashboard_url as reported
+
     try:
-        url = ray._private.worker.get_dashboard_url()
+        url = reported()
     except Exception:  # noqa: BLE001 - no dashboard is not an error here
         return None
     return (url if url.startswith("http") else f"http://{url}") if url else None

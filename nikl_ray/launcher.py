@@ -15,17 +15,18 @@ API (the dashboard) every second whether the controller lives: one more process 
 (`benchmarks/ray_overhead.py`). A stage starts one `PlacementGroupGuardian` instead: it watches
 every run's controller through the controller's own actor handle (no dashboard needed) and removes
 the placement groups of one that died. Runs started where no guardian is (a script calling
-`fit_run`) keep Ray's cleaner.
+`fit_run`) keep Ray's cleaner. The Ray Train subclasses that do this, and every other private Ray
+API used, are in nikl_ray/ray_private.py (with what each saves, as measured).
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import threading
 import time
 
+from nikl_ray import ray_private
 from nikl_ray.artifacts import read_json
 from nikl_ray.runfiles import final_path
 from nikl_ray.runspec import CHECKPOINT_RANK, FoldRun
@@ -99,23 +100,20 @@ class PlacementGroupGuardian:
     def _sweep(self, controller_ids: set[str]) -> None:
         """Remove the live placement groups that these controllers created."""
         import ray
-        from ray._private.state import state
-        from ray.core.generated.gcs_pb2 import PlacementGroupTableData
         from ray.util.placement_group import PlacementGroup, remove_placement_group
 
         try:
-            table = [PlacementGroupTableData.FromString(raw) for raw in state._connect_and_get_accessor().get_placement_group_table()]
+            table = ray_private.placement_groups()
         except Exception as e:  # noqa: BLE001 - the cluster is going away; the next round asks again
             log.debug("could not read the placement-group table: %s", e)
             return
-        for group in table:
-            if group.creator_actor_id.hex() in controller_ids and group.state != PlacementGroupTableData.REMOVED:
-                log.warning("a Train controller died without cleaning up: removing its placement group %s",
-                            group.placement_group_id.hex())
+        for creator, group_id, removed in table:
+            if creator in controller_ids and not removed:
+                log.warning("a Train controller died without cleaning up: removing its placement group %s", group_id.hex())
                 try:
-                    remove_placement_group(PlacementGroup(ray.PlacementGroupID(group.placement_group_id)))
+                    remove_placement_group(PlacementGroup(ray.PlacementGroupID(group_id)))
                 except Exception as e:  # noqa: BLE001 - removed already, or the cluster is going away
-                    log.warning("could not remove placement group %s: %s", group.placement_group_id.hex(), e)
+                    log.warning("could not remove placement group %s: %s", group_id.hex(), e)
 
 
 def start_guardian():
@@ -133,105 +131,19 @@ def start_guardian():
 def _guardian_callback():
     """Ray Train's callback that hands a run's controller to the guardian as it starts, or None without one."""
     import ray
-    from ray.train.v2._internal.execution.callback import ControllerCallback
 
     try:
         guardian = ray.get_actor(GUARDIAN)
     except ValueError:
         return None
-
-    class GuardianCallback(ControllerCallback):
-        def __init__(self):
-            self._controller = None
-
-        def after_controller_start(self, train_run_context):
-            context = ray.get_runtime_context()
-            self._controller = context.get_actor_id()
-            ray.get(guardian.watch.remote(self._controller, context.current_actor))
-
-        async def before_controller_shutdown(self):
-            await guardian.release.remote(self._controller)
-
-        def before_controller_abort(self):
-            ray.get(guardian.release.remote(self._controller), timeout=10)
-
-    return GuardianCallback()
+    return ray_private.guardian_callback(guardian)
 
 
-@functools.cache
-def _trainer_classes() -> tuple[type, type]:
-    """(GuardedTrainer, InheritingTrainer), built once per process: Ray Train is imported only when a
-    run is made, and the controller's actor class is exported to the cluster once, not per run."""
-    import ray
-    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
-    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-    from ray.train.v2._internal.execution.controller import TrainController
-    from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy
-    from ray.train.v2._internal.execution.worker_group.worker_group import WorkerGroup
-    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
-
+def trainer_classes() -> tuple[type, type]:
+    """(GuardedTrainer, InheritingTrainer) of this process (ray_private.trainer_classes)."""
     from nikl_ray.cluster import FIXED_SIZE
 
-    # Ray Train registers each run's resources with Ray Data's autoscaling coordinator, so that an
-    # autoscaler adds nodes for them: a detached actor (one more process, started by the first run
-    # on an instance) and a blocking call to it as each run starts and ends. A Ray instance
-    # connect() started on this machine has no autoscaler to ask.
-    class FixedSizeScalingPolicy(FixedScalingPolicy):
-        def after_controller_start(self, train_run_context):
-            pass
-
-        def _maybe_send_resource_request(self):
-            pass
-
-    class GuardedTrainer(DataParallelTrainer):
-        # Ray Train starts a DatasetManager actor (a process of its own, importing Ray Data) per run to
-        # hand out Ray Dataset shards, whether the run has any or not; ours pass none
-        # (benchmarks/ray_overhead.py keeps it to measure what it cost)
-        keep_datasets_callback = False
-
-        def _create_default_callbacks(self):
-            callbacks = super()._create_default_callbacks()
-            if not self.datasets and not self.keep_datasets_callback:
-                callbacks = [c for c in callbacks if not isinstance(c, DatasetsCallback)]
-            guard = _guardian_callback()
-            if guard is None:
-                return callbacks
-            return [guard if isinstance(c, PlacementGroupCleanerCallback) else c for c in callbacks]
-
-        def _initialize_and_run_controller(self, **controller_init_kwargs):
-            if os.environ.get(FIXED_SIZE) and type(controller_init_kwargs["scaling_policy"]) is FixedScalingPolicy:
-                controller_init_kwargs["scaling_policy"] = FixedSizeScalingPolicy(self.scaling_config)
-            return self._run_controller(**controller_init_kwargs)
-
-        def _run_controller(self, **controller_init_kwargs):
-            return super()._initialize_and_run_controller(**controller_init_kwargs)
-
-    # Ray Train hands its environment variables to the controller and to each worker as a runtime
-    # env of their own, and the process of an actor with a runtime env starts only once Ray's
-    # runtime-env agent has set it up (nor can it use an idle process Ray started ahead). Where
-    # every process has those variables already, neither actor needs one.
-    class InheritingWorkerGroup(WorkerGroup):
-        @staticmethod
-        def _get_worker_runtime_env(custom_runtime_env):
-            return dict(custom_runtime_env)
-
-    class InheritingController(TrainController):
-        worker_group_cls = InheritingWorkerGroup
-
-    InheritingController.__qualname__ = "TrainController"  # what the dashboard (and Ray's docs) call it
-    controller_actor = ray.remote(num_cpus=0)(InheritingController)
-
-    class InheritingTrainer(GuardedTrainer):
-        def _run_controller(self, **controller_init_kwargs):
-            # Ray's own method less the controller's runtime env: no CPU, on the driving process's node
-            node = {ray._raylet.RAY_NODE_ID_KEY: ray.get_runtime_context().get_node_id()}
-            controller = controller_actor.options(label_selector=node).remote(**controller_init_kwargs)
-            if threading.current_thread() is threading.main_thread():
-                self._register_sigint_handler(controller)
-            ray.get(controller.run.remote())
-            return ray.get(controller.get_result.remote())
-
-    return GuardedTrainer, InheritingTrainer
+    return ray_private.trainer_classes(_guardian_callback, FIXED_SIZE)
 
 
 def guarded_trainer(train_fn, **kwargs):
@@ -240,7 +152,7 @@ def guarded_trainer(train_fn, **kwargs):
     workers get no runtime env of their own where `connect()` gave every process the environment."""
     from nikl_ray.cluster import ENV_IN_EVERY_PROCESS
 
-    guarded, inheriting = _trainer_classes()
+    guarded, inheriting = trainer_classes()
     return (inheriting if os.environ.get(ENV_IN_EVERY_PROCESS) else guarded)(train_fn, **kwargs)
 
 
@@ -298,7 +210,7 @@ def run_all(runs: list[FoldRun], slots_of, on_done, on_failed) -> None:
     import queue
 
     start_guardian()
-    _trainer_classes()  # Ray Train imported here once, not by the first threads at the same time
+    trainer_classes()  # Ray Train imported here once, not by the first threads at the same time
     ended: queue.Queue = queue.Queue()
 
     def drive(run: FoldRun) -> None:
