@@ -179,12 +179,12 @@ def load_classical(d: Path) -> dict:
 
 def degenerate_members(layout, backbones: list[str], k: int) -> dict[str, list[str]]:
     """Backbone → why some of its fold models are degenerate (from the train manifests); only those with any."""
-    from nikl_ray.artifacts import load_manifest
+    from nikl_ray.artifacts import MANIFEST, load_manifest
 
     out = {}
     for name in backbones:
         reasons = [f"fold {f}: {m['degenerate']}" for f in range(k)
-                   if (layout.pair(name, f) / "manifest.json").exists()
+                   if (layout.pair(name, f) / MANIFEST).exists()
                    and (m := load_manifest(layout.pair(name, f))).get("degenerate")]
         if reasons:
             out[name] = reasons

@@ -18,7 +18,8 @@ def test_lora_parameter_count_for_polyglot_1_3b_rank_64():
 
 
 def test_estimates_sit_just_above_what_an_h200_measured():
-    """Measured (issue 13, torch peak allocated): 1.90 GB for the 1.3B QLoRA r=64 trial at 8 × 128, 2.58 GB
+    """Measured on an H200 (torch peak allocated, a `nikl-ray pipeline --local` run; benchmarks/gpu_packing.py
+    saw 1.90 and 2.40 GB, benchmarks/README.md): 1.90 GB for the 1.3B QLoRA r=64 trial at 8 × 128, 2.58 GB
     for the 110M encoder in full fine-tuning at 32 × 128. The estimate may exceed them, by at most 40%."""
     qlora = estimate_memory_bytes(NEOX_1_3B, mode="qlora", batch_size=8, max_length=128, lora_r=64,
                                   lora_targets=NEOX_TARGETS, gradient_checkpointing=True) / GiB
