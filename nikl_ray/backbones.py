@@ -148,12 +148,8 @@ class BackboneSpec(BaseModel):
 
     @property
     def uses_lora(self) -> bool:
+        """LoRA adapters on named targets (lora, qlora, gptq: the modes with `lora` set)."""
         return mode_of(self).lora
-
-    @property
-    def uses_adapter(self) -> bool:
-        """Only an adapter (and the head) trains and is saved; the checkpoint stays as it is."""
-        return mode_of(self).adapter
 
     def checkpointing_on(self, gpu: bool) -> bool:
         """Whether training uses gradient checkpointing: as set, else on for decoders on a GPU (the
