@@ -32,12 +32,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import nikl_ray as nr  # noqa: E402
 from nikl_ray.artifacts import load_manifest, read_json, write_json, write_text  # noqa: E402
-from nikl_ray.cluster import cluster_shape, connect  # noqa: E402
+from nikl_ray.cluster import cluster_shape  # noqa: E402
 from nikl_ray.config import parse_experiment  # noqa: E402
 from nikl_ray.data import read_rows  # noqa: E402
 from nikl_ray.metrics import micro_f1  # noqa: E402
-from nikl_ray.pipeline import run_pipeline  # noqa: E402
 from nikl_ray.tables import markdown  # noqa: E402
 
 
@@ -80,11 +80,12 @@ def main(argv=None) -> int:
 
     setup_logging(0)
     started = time.time()
-    exp = parse_experiment(experiment(args, data), REPO, "benchmark")
-    connect(local=True, num_cpus=args.num_cpus)
+    run = nr.open_run(parse_experiment(experiment(args, data), REPO, "benchmark"))
+    nr.connect(run, local=True, num_cpus=args.num_cpus)
     cpus = cluster_shape().cpus
-    out = run_pipeline(exp)
-    report = read_json(exp.layout.ensemble / "report.json")
+    out = nr.pipeline(run)
+    exp = run.exp
+    report = read_json(exp.layout.report_json)
 
     runs = []
     for spec in exp.backbones:

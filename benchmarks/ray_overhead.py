@@ -265,25 +265,25 @@ def main(argv=None) -> int:
 
     from nikl_ray.artifacts import write_json, write_text
     from nikl_ray.cluster import connect
-    from nikl_ray.config import parse_experiment, prepare
+    from nikl_ray.config import parse_experiment
     from nikl_ray.folds import fold_positions
-    from nikl_ray.inputs import load_inputs
     from nikl_ray.launcher import start_guardian
     from nikl_ray.placement import Placement
+    from nikl_ray.run import open_run
     from nikl_ray.runspec import Device, RowsPayload, fold_run
-    from nikl_ray.stages import split
     from nikl_ray.tables import markdown
 
     out = Path(args.out)
-    exp = parse_experiment({
-        "task": "nikl-emotion", "train": str(REPO / "nikl_ray" / "demo_data" / "train.jsonl"), "results": str(out),
+    out.mkdir(parents=True, exist_ok=True)
+    rows_file = out / "train.jsonl"  # the first 120 demo rows
+    with open(REPO / "nikl_ray" / "demo_data" / "train.jsonl", encoding="utf-8") as f:
+        rows_file.write_text("".join(line for _, line in zip(range(120), f)), encoding="utf-8")
+    run = open_run(parse_experiment({
+        "task": "nikl-emotion", "train": str(rows_file), "results": str(out),
         "folds": {"k": 2, "seed": 0}, "classical": False,
         "backbones": [{"name": "neox", "checkpoint": "tiny:gpt_neox", "mode": "lora", "epochs": 1, "lr": 5e-3,
-                       "batch_size": 16, "max_length": 40}]}, REPO, "benchmark")
-    data = load_inputs(exp)
-    data.rows = data.rows.take(range(120))
-    folds = split.run(exp, data.rows)
-    exp = prepare(exp)
+                       "batch_size": 16, "max_length": 40}]}, REPO, "benchmark"))
+    exp, data, folds = run.exp, run.inputs, run.folds
     connect(local=True, num_cpus=2)
     start_guardian()  # as the train stage does: `guardian`, `datasets` and `after` runs hand their placement groups to it
     payload = ray.put(RowsPayload.of(data.rows))

@@ -110,7 +110,7 @@ class BackboneSpec(BaseModel):
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.1, ge=0, lt=1)
     epochs: int = Field(3, ge=1, le=100)
-    early_stopping_patience: int = Field(2, ge=1, description="Epochs without held-out micro-F1 gain before stopping.")
+    early_stopping_patience: int = Field(2, ge=1, description="Epochs without a gain of the selection score (on the fold's selection slice) before stopping.")
     loss: Literal["auto", "bce", "asl", "ce"] = Field("auto", description="auto: BCE for multi-label, CE for single-label; "
                                                                          "bce or asl (asymmetric loss): multi-label only; ce: single-label only.")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field("auto", description="auto: bf16 on GPUs that have it, else fp16; fp32 on CPU.")

@@ -63,7 +63,8 @@ class Predictor:
 
     def leaderboard(self) -> list[dict]:
         """Every candidate's cross-fitted score per rule and its role: the report's table."""
-        return [dict(row) for row in self.record["leaderboard"]]
+        board = self.record["leaderboard"]
+        return [dict(zip(board["columns"], row)) for row in board["rows"]]
 
     @property
     def candidates(self) -> list[str]:

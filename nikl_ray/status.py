@@ -20,7 +20,8 @@ from nikl_ray.artifacts import read_json
 from nikl_ray.config import Experiment
 from nikl_ray.layout import Layout
 from nikl_ray.members import member_names
-from nikl_ray.runspec import HF_CHECKPOINT, SELECT_METRIC
+from nikl_ray.runfiles import HF_CHECKPOINT, read_history
+from nikl_ray.runspec import SELECT_METRIC
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +54,7 @@ def train_runs(address: str, timeout: float = 10) -> list[dict]:
 
 def _history(run_dir: Path) -> list[dict]:
     checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if (p / HF_CHECKPOINT / "trainer_state.json").exists())
-    if not checkpoints:
-        return []
-    return json.loads((checkpoints[-1] / HF_CHECKPOINT / "trainer_state.json").read_text())["log_history"]
+    return read_history(checkpoints[-1]) if checkpoints else []
 
 
 def run_state(run_dir: Path, live: dict | None) -> dict:

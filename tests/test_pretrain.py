@@ -34,9 +34,9 @@ def test_the_corpus_reads_jsonl_tsv_and_lines_normalised_deduplicated_and_leaves
 def _config(tmp_path, checkpoint: str) -> dict:
     corpus = [str(DEMO_DIR / "train.jsonl"), str(DEMO_DIR / "test.jsonl")]  # the task's test file: left out
     return {"task": "nikl-emotion", "train": str(DEMO_DIR / "train.jsonl"), "test": str(DEMO_DIR / "test.jsonl"),
-            "results": str(tmp_path / "res"), "folds": {"k": 2, "seed": 0}, "classical": False,
+            "results": str(tmp_path / "res"), "folds": {"k": 2, "seed": 0},
             "ensemble": {"hidden_sizes": [16], "inner_folds": 2, "epochs": 20, "patience": 5},
-            "backbones": [{"name": "neox", "checkpoint": checkpoint, "mode": "lora", "epochs": 1,
+            "backbones": [{"name": "neox", "checkpoint": checkpoint, "mode": "lora", "epochs": 1, "lr": 5e-3,
                            "pretrain": {"corpus": corpus, "steps": 80, "batch_size": 16, "max_length": 40,
                                         "save_every_steps": 20}}]}
 

@@ -271,6 +271,7 @@ def test_a_run_whose_driving_task_dies_gives_its_share_of_the_cluster_back(train
     assert not ray.get(guardian.watching.remote())
 
 
+@pytest.mark.slow
 def test_the_guardian_removes_every_placement_group_a_dead_controller_created(ray_local):
     """A controller killed with its owner can start a new worker group while its process drains,
     after Ray reports it dead (a leak seen in CI): the guardian removes every placement group the

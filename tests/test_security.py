@@ -28,9 +28,9 @@ def test_remote_code_is_off_unless_a_backbone_opts_in(tiny_backbones):
 
 @pytest.mark.slow
 def test_a_local_ray_instance_serves_its_dashboard_on_loopback_only(ray_local):
-    import ray
+    from nikl_ray.ray_private import dashboard_url
 
-    url = ray._private.worker.global_worker.node.address_info["webui_url"]
+    url = dashboard_url()
     assert url.startswith("127.0.0.1:"), url
 
 

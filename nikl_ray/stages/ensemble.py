@@ -154,7 +154,9 @@ def write_record(exp: Experiment, rows, decision: dict, rules: dict, leaderboard
     counts = Counter(w for t in rows.texts for w in t.split())
     return [write_json(exp.layout.record, {
                 "task": exp.task.model_dump(mode="json"), "backbones": [relative(b) for b in exp.backbones],
-                "decision": decision, "rules": rules, "leaderboard": leaderboard}),
+                "decision": decision, "rules": rules,
+                # columns kept in order (the record's keys are sorted when written)
+                "leaderboard": {"columns": list(leaderboard[0]), "rows": [list(r.values()) for r in leaderboard]}}),
             write_json(exp.layout.repeated_words, sorted(w for w, c in counts.items() if c > 1))]
 
 
