@@ -32,7 +32,7 @@ def pretrain(run: Run, backbones: list[str] | None = None) -> dict[str, Path]:
     """Continue pretraining every backbone with a `pretrain:` section; {backbone: its checkpoint}."""
     from nikl_ray.stages import pretrain as stage
 
-    return stage.run(run.untuned, backbones=backbones)
+    return stage.run(run.config, backbones=backbones)  # from the checkpoints as written, never from its own output
 
 
 def tune(run: Run, backbone: str, *, space: str | Path | None = None, **search) -> Path:

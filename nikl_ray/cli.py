@@ -45,10 +45,10 @@ def _run(args, *, build: bool = True):
     """The run a command works on (nikl_ray.run.open_run), and Ray when the command has Ray flags."""
     from nikl_ray.run import connect, open_run
 
-    run = open_run(args.config, args.results, build=build)
-    if hasattr(args, "local"):
+    run = open_run(args.config, args.results, build=False)
+    if hasattr(args, "local"):  # before anything is written: a results root some node cannot see is refused
         connect(run, local=args.local, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
-    return run
+    return run.build() if build else run
 
 
 def _finished(args):
@@ -388,9 +388,9 @@ def job(doc: str, body, *, options=None, finished: bool = False, argv: list[str]
         if finished:
             body(_finished(args), args)
             return 0
-        run = open_run(args.config, args.results)
+        run = open_run(args.config, args.results, build=False)
         connect(run, local=args.local, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
-        body(run, args)
+        body(run.build(), args)
         return 0
 
     return _exit_code(opened, args)

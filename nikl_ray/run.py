@@ -53,6 +53,15 @@ class Run:
         """What a search starts from: pretraining applied, the experiment's own values."""
         return self._current(tuned=False)
 
+    def build(self) -> "Run":
+        """The run with its folds made (or reused) and its tiny backbones built: what the stages need."""
+        if self.folds is not None:
+            return self
+        from nikl_ray.stages import split
+
+        folds = split.run(self.config, self.inputs.rows)
+        return Run(build_tiny(self.config, self.inputs), self.inputs, folds)
+
     def _current(self, *, tuned: bool) -> Experiment:
         key = (tuned, _finished_state(self.config))
         if key not in self._resolved:  # resolved again only once pretraining or a search finishes
@@ -64,15 +73,11 @@ class Run:
 def open_run(config: str | Path | dict | Experiment, results: str | Path | None = None, *, build: bool = True) -> Run:
     """The run of an experiment: its rows validated, its folds made or reused, its tiny backbones
     built. `results` overrides the experiment's results root. With `build=False` nothing is
-    written (no folds, no tiny checkpoints): what `validate` and `status` need."""
+    written (no folds, no tiny checkpoints) until `run.build()`: what `validate` and `status` need,
+    and commands that join a cluster, which first check that every node sees the results root."""
     exp = _experiment(config, results)
-    inputs = load_inputs(exp)
-    if not build:
-        return Run(exp, inputs, None)
-    from nikl_ray.stages import split
-
-    folds = split.run(exp, inputs.rows)
-    return Run(build_tiny(exp, inputs), inputs, folds)
+    run = Run(exp, load_inputs(exp), None)
+    return run.build() if build else run
 
 
 def connect(run: Run | None = None, *, local: bool = False, num_cpus: int | None = None,

@@ -94,12 +94,14 @@ def test_a_killed_search_resumes_and_pipeline_with_tune_run_twice_does_its_work_
     cmd = [sys.executable, "-m", "nikl_ray.cli", "pipeline", "--tune", "--config", str(config), "--local", "--num-cpus", "2"]
     # Tune saves its experiment state at most every 10 s by default: every second here, so the kill
     # comes right after the first trial finishes instead of well into the next one
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    log = open(tmp_path / "pipeline.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                             env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"})
     try:
         deadline = time.time() + 400
         while time.time() < deadline and not _terminated_in_saved_state(search):
-            assert proc.poll() is None, "the search ended before it could be killed"
+            assert proc.poll() is None, ("the search ended before it could be killed:\n"
+                                         + (tmp_path / "pipeline.log").read_text()[-3000:])
             time.sleep(0.5)
     finally:
         kill_with_its_ray(proc)  # the driver and the Ray instance it started
