@@ -1,3 +1,4 @@
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -51,26 +52,32 @@ def ray_local():
     ray.shutdown()
 
 
+@contextlib.contextmanager
+def package_logging_kept():
+    """The package logger's set-up put back after the block: the CLI and the ray jobs give it a handler
+    of their own and stop its propagation (caplog's way in), which would outlive them in this process."""
+    import logging
+
+    logger = logging.getLogger("nikl_ray")
+    handlers, level, propagate = logger.handlers[:], logger.level, logger.propagate
+    try:
+        yield
+    finally:
+        logger.handlers[:], logger.propagate = handlers, propagate
+        logger.setLevel(level)
+
+
 @pytest.fixture
 def cli(capsys):
     """`nikl-ray ARGS…` run in this process, as its console script runs it (what `main` returns is
     the exit code), without a new interpreter importing torch and transformers again for each
     call: (exit code, stdout, stderr). The logger's set-up is put back when the call returns."""
-    import logging
-
     from nikl_ray.cli import main
 
-    logger = logging.getLogger("nikl_ray")
-
     def run(*args) -> tuple[int, str, str]:
-        # the CLI gives the package's logger a handler of its own and stops propagation (caplog's way in)
-        handlers, level, propagate = logger.handlers[:], logger.level, logger.propagate
         capsys.readouterr()
-        try:
+        with package_logging_kept():
             code = main([str(a) for a in args])
-        finally:
-            logger.handlers[:], logger.propagate = handlers, propagate
-            logger.setLevel(level)
         out = capsys.readouterr()
         return code, out.out, out.err
 

@@ -10,7 +10,7 @@ import unicodedata
 import pytest
 import yaml
 
-from conftest import DEMO_DIR, kill_with_its_ray
+from conftest import DEMO_DIR, kill_with_its_ray, package_logging_kept
 
 
 def test_the_corpus_reads_jsonl_tsv_and_lines_normalised_deduplicated_and_leaves_out_what_it_is_told(tmp_path):
@@ -116,7 +116,7 @@ def test_pretraining_runs_two_workers_resumes_after_a_kill_and_the_folds_start_f
     job = DEMO_DIR.parents[1] / "ray_jobs" / "train_folds.py"
     argv, sys.argv = sys.argv, [str(job), "--config", str(config), "--local"]
     try:
-        with pytest.raises(SystemExit) as done:
+        with pytest.raises(SystemExit) as done, package_logging_kept():
             runpy.run_path(str(job), run_name="__main__")
     finally:
         sys.argv = argv
