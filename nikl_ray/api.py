@@ -32,15 +32,29 @@ def pretrain(run: Run, backbones: list[str] | None = None) -> dict[str, Path]:
     """Continue pretraining every backbone with a `pretrain:` section; {backbone: its checkpoint}."""
     from nikl_ray.stages import pretrain as stage
 
-    return stage.run(run.config, backbones=backbones)  # from the checkpoints as written, never from its own output
+    return stage.run(run.build().config, backbones=backbones)  # from the checkpoints as written, never from its own output
+
+
+def searched(run: Run) -> list[str]:
+    """The backbones a search is configured for (`search_spaces:`): what `pipeline --tune` searches."""
+    return list(run.config.search_spaces)
+
+
+def to_tune(run: Run, asked: list[str] | None = None) -> list[str]:
+    """What `nikl-ray tune` and the tune job search: the backbones asked for, else those with a search
+    space, else every backbone (each in its family's default space)."""
+    return asked or searched(run) or [b.name for b in run.config.backbones]
 
 
 def tune(run: Run, backbone: str, *, space: str | Path | None = None, **search) -> Path:
-    """Search `backbone`'s space (`search` overrides the experiment's `search:` keys); its best_config.yaml."""
+    """Search `backbone`'s space (`search` overrides the experiment's `search:` keys, validated as they
+    are); its best_config.yaml."""
+    from nikl_ray.config import SearchConfig
     from nikl_ray.stages import tune as stage
 
-    exp = run.untuned  # a search starts from the experiment's own values
-    exp = exp.model_copy(update={"search": exp.search.model_copy(update={k: v for k, v in search.items() if v is not None})})
+    exp = run.build().untuned  # a search starts from the experiment's own values
+    given = {k: v for k, v in search.items() if v is not None}
+    exp = exp.model_copy(update={"search": SearchConfig(**{**exp.search.model_dump(), **given})})
     return stage.run(exp, run.inputs, backbone, space_path=space)
 
 
@@ -48,6 +62,7 @@ def train(run: Run, backbones: list[str] | None = None) -> Path:
     """Train every fold × backbone not done yet; the train table."""
     from nikl_ray.stages import train as stage
 
+    run = run.build()
     return stage.run(run.exp, run.inputs, backbones=backbones)
 
 
@@ -55,6 +70,7 @@ def features(run: Run) -> Path:
     """Every fold model's out-of-fold and test features; the features root."""
     from nikl_ray.stages import features as stage
 
+    run = run.build()
     return stage.run(run.exp, run.inputs)
 
 
@@ -62,6 +78,7 @@ def ensemble(run: Run) -> Path:
     """The heads, every candidate compared, the report, the submission and the run's record; the report."""
     from nikl_ray.stages import ensemble as stage
 
+    run = run.build()
     return stage.run(run.exp, run.inputs)
 
 
@@ -81,12 +98,12 @@ class Clock:
 
 def pipeline(run: Run, *, tune_first: bool = False) -> dict:
     """Every stage in order (searches first with `tune_first`); where things are and each stage's time."""
-    clock = Clock()
+    clock, run = Clock(), run.build()
     clock("split", split, run)
     if any(b.pretrain for b in run.config.backbones):
         clock("pretrain", pretrain, run)
     if tune_first:
-        for name in run.config.search_spaces:
+        for name in searched(run):
             clock(f"tune {name}", tune, run, name)
     summary = clock("train", train, run)
     clock("features", features, run)

@@ -198,6 +198,18 @@ def quiet_transformers() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
 
 
+def quiet_worker(needs_bitsandbytes: bool) -> None:
+    """Before the heavy imports of a Train worker (its own process): drop warnings a user cannot act on
+    (quiet_transformers), and bitsandbytes where the run does not quantize: peft imports it eagerly
+    (2–4 s, most of it torch.compile machinery).
+    """
+    import sys
+
+    if not needs_bitsandbytes and "bitsandbytes" not in sys.modules:
+        sys.modules["bitsandbytes"] = None  # peft and transformers then see it as not installed
+    quiet_transformers()
+
+
 def load_tokenizer(spec: BackboneSpec):
     from transformers import AutoTokenizer
 

@@ -138,11 +138,11 @@ def cmd_train(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from nikl_ray.api import tune
+    from nikl_ray.api import to_tune, tune
 
     run = _run(args)
     flags = {k: getattr(args, k) for k in ("num_samples", "fold", "grace_period", "prune_metric", "seed", "max_concurrent")}
-    for name in args.backbone or list(run.config.search_spaces) or [b.name for b in run.config.backbones]:
+    for name in to_tune(run, args.backbone):
         tune(run, name, space=args.space, **flags)
     run.exp  # noqa: B018 - logs the tuned values later stages will use
     return 0
@@ -355,10 +355,11 @@ def _exit_code(fn, args) -> int:
     from nikl_ray.config import ConfigError
     from nikl_ray.data import DataError
     from nikl_ray.placement import PlacementError
+    from nikl_ray.predictor import BadRequest
 
     try:
         return fn(args)
-    except (ConfigError, DataError, PlacementError, StorageError, FileNotFoundError) as e:
+    except (ConfigError, DataError, PlacementError, StorageError, FileNotFoundError, BadRequest) as e:
         log.error("%s", e)
         return 2
 

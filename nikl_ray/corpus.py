@@ -97,3 +97,8 @@ def corpus_hash(sources: list, exclude: list[Path] = ()) -> str:
     parts = [f"{Path(s.path).resolve()}|{s.format}|{s.field}|{sha256_file(s.path)}" for s in sources
              if Path(s.path).resolve() not in excluded]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def pretrain_corpus(exp, spec) -> tuple[list[str], dict]:
+    """The texts `spec` pretrains on (the task's test file left out unless `include_test`)."""
+    return read_corpus(spec.pretrain.corpus, exclude=[] if spec.pretrain.include_test or not exp.test else [exp.test])

@@ -47,7 +47,7 @@ def step_in_hand(trainer, select: bool, *, resumed: bool, attempts: int) -> int 
 
     HF loaded the best epoch's weights at the end when an epoch was chosen (`select`), else the
     model holds the last. That is certain only for one uninterrupted attempt: a resumed run has its
-    best epoch's weights only if Ray still held them (worker.BestKeptByRay), and an out-of-memory
+    best epoch's weights only if Ray still held them (train_callbacks.BestKeptByRay), and an out-of-memory
     retry's Ray run holds the first attempt's checkpoints too (Ray's best may be one of those)."""
     if resumed or attempts != 1:
         return None

@@ -50,6 +50,9 @@ class Layout:
     def pretrain(self, backbone: str) -> Path:
         return self.root / "pretrain" / backbone
 
+    def pretrain_report(self, backbone: str) -> Path:
+        return self.pretrain(backbone) / "report.md"
+
     def pretrained(self, backbone: str) -> Path:
         """The pretrained checkpoint later stages start from."""
         return self.pretrain(backbone) / "model"
@@ -60,6 +63,28 @@ class Layout:
 
     def best_config(self, backbone: str) -> Path:
         return self.tune(backbone) / "best_config.yaml"
+
+    def search(self, backbone: str) -> Path:
+        """Ray Tune's experiment (its trials, their TensorBoard event files)."""
+        return self.tune(backbone) / "search"
+
+    def search_inputs(self, backbone: str) -> Path:
+        """What the search was started with (a cut-off search resumes only for the same)."""
+        return self.tune(backbone) / "search_inputs.json"
+
+    def search_runs(self, backbone: str) -> Path:
+        """Ray Train's storage for the trials' runs."""
+        return self.tune(backbone) / "train_runs"
+
+    def finished_trials(self, backbone: str) -> Path:
+        """One marker per trial that ended by itself (not stopped by ASHA)."""
+        return self.tune(backbone) / "finished_trials"
+
+    def optuna_db(self, backbone: str) -> Path:
+        return self.tune(backbone) / "optuna.db"
+
+    def leaderboard(self, backbone: str) -> Path:
+        return self.tune(backbone) / "leaderboard.csv"
 
     # train
     @property

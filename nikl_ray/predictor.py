@@ -25,11 +25,16 @@ from nikl_ray.data import TextRows
 from nikl_ray.decision import decide, thresholds
 from nikl_ray.layout import Layout
 from nikl_ray.members import CLASSICAL, classical_probs, embed, load_classical
+from nikl_ray.modes import mode_of
 from nikl_ray.runspec import assign
 from nikl_ray.stacking import STACKS, Heads, candidate_probs
 from nikl_ray.tasks import TaskSpec
 
 log = logging.getLogger(__name__)
+
+
+class BadRequest(ValueError):
+    """A request the run cannot answer (an unknown candidate, a target not in its text)."""
 
 
 @dataclass(frozen=True)
@@ -105,13 +110,13 @@ class Predictor:
             hidden[idx], probs[idx] = h, p
         return hidden, probs
 
-    def predict(self, rows: TextRows, keys: list[str] | None = None, candidate: str | None = None) -> Prediction:
+    def predict(self, rows: TextRows, candidate: str | None = None, *, keys: list[str] | None = None) -> Prediction:
         """Probabilities and labels of rows from `candidate` (default: the submitted one). `keys` routes
         rows as other rows would be (explain reads every masked variant of a sentence with the
         sentence's own fold model and heads)."""
         candidate = candidate or self.candidate
         if candidate not in self.record["rules"]:
-            raise ValueError(f"no candidate {candidate!r} in this run; candidates: {self.candidates}")
+            raise BadRequest(f"no candidate {candidate!r} in this run; candidates: {self.candidates}")
         keys = keys or rows.keys()
         folds, inner = assign(keys, self.k, "fold"), assign(keys, self.inner_folds, "inner")
         active = self.decision["active"]
@@ -146,7 +151,7 @@ class Predictor:
         for text, target in zip(texts, targets):
             begin = text.find(target) if target else -1
             if target and begin < 0:
-                raise ValueError(f"the target {target!r} does not occur in the text")
+                raise BadRequest(f"the target {target!r} does not occur in the text")
             spans.append((begin, begin + len(target)) if target else None)
         return TextRows(list(texts), [t or None for t in targets], spans)
 
@@ -164,7 +169,7 @@ def _spec(d: dict, layout: Layout) -> BackboneSpec:
     try:
         return BackboneSpec(**d)
     except ValidationError as e:
-        if d.get("mode") == "full":  # a fully fine-tuned fold checkpoint holds every weight and its tokenizer
+        if not mode_of(d.get("mode", "full")).adapter:  # a fully fine-tuned fold checkpoint holds every weight and its tokenizer
             return BackboneSpec.model_construct(**d)
         raise FileNotFoundError(f"backbone {d['name']}: its fold models are adapters on {d['checkpoint']}, which "
                                 f"cannot be loaded: {e.errors()[0]['msg']}") from None

@@ -41,7 +41,7 @@ class PretrainRun:
 
 def pretrain_loop(config: dict) -> None:
     started = time.time()
-    from nikl_ray.worker import quiet_worker
+    from nikl_ray.backbones import quiet_worker
 
     run: PretrainRun = config["run"]
     quiet_worker(False)

@@ -115,7 +115,7 @@ def build_tiny(exp: Experiment, inputs: Inputs) -> Experiment:
     """Build (once) the tiny random-init checkpoints `tiny:<kind>` backbones name; point the specs at
     them. The tokenizer is trained on the task's training text, or, for a backbone that pretrains,
     on its pretraining corpus (a checkpoint of its own)."""
-    from nikl_ray.corpus import corpus_hash
+    from nikl_ray.corpus import corpus_hash, pretrain_corpus
     from nikl_ray.tiny import TINY_KINDS, make_tiny_backbone
 
     specs = []
@@ -133,13 +133,6 @@ def build_tiny(exp: Experiment, inputs: Inputs) -> Experiment:
             spec = spec.model_copy(update={"checkpoint": str(out)})
         specs.append(spec)
     return exp.with_backbones(specs)
-
-
-def pretrain_corpus(exp: Experiment, spec: BackboneSpec) -> tuple[list[str], dict]:
-    """The texts `spec` pretrains on (the task's test file left out unless `include_test`)."""
-    from nikl_ray.corpus import read_corpus
-
-    return read_corpus(spec.pretrain.corpus, exclude=[] if spec.pretrain.include_test or not exp.test else [exp.test])
 
 
 def apply_pretrained(exp: Experiment) -> Experiment:

@@ -16,9 +16,8 @@ import numpy as np
 
 from nikl_ray.backbones import BackboneSpec
 from nikl_ray.data import Rows, TextRows
-from nikl_ray.handoff import MADE, FeatureOrder  # noqa: F401 - MADE: tests/test_ensemble.py imports it from here
+from nikl_ray.handoff import FeatureOrder
 from nikl_ray.placement import Placement
-from nikl_ray.runfiles import HF_CHECKPOINT  # noqa: F401 - status.py and the stages import it from here
 from nikl_ray.tasks import TaskSpec
 
 SELECT_METRIC = "eval_score"  # a run's score on its selection slice (decision.selection_score), as Tune sees it

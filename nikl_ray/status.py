@@ -119,8 +119,8 @@ def run_status(exp: Experiment, *, ray_address: str | None = None) -> dict:
         running = any(r["status"] in ("INITIALIZING", "SCHEDULING", "RUNNING") for r in trials)
         searches[name] = {"state": "done" if layout.manifest(d).exists() else "running" if running
                           else "cut off" if d.exists() else "pending",
-                          "trials_seen": len(list((d / "search").glob("trial_*"))) if d.exists() else 0,
-                          "optuna_study": str(d / "optuna.db"), "tensorboard_logdir": str(d / "search")}
+                          "trials_seen": len(list(layout.search(name).glob("trial_*"))) if d.exists() else 0,
+                          "optuna_study": str(layout.optuna_db(name)), "tensorboard_logdir": str(layout.search(name))}
     features = {f"{m}-fold{f}": "done" if layout.manifest(layout.features(m, f)).exists() else "pending"
                 for m in member_names(exp) for f in range(k)}
     pretrain = {b.name: "done" if layout.manifest(layout.pretrain(b.name)).exists() else

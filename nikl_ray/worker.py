@@ -27,10 +27,10 @@ import time
 import numpy as np
 
 from nikl_ray import handoff
-from nikl_ray.backbones import BackboneSpec, quiet_transformers
+from nikl_ray.backbones import BackboneSpec, quiet_worker
 from nikl_ray.modes import mode_of
 from nikl_ray.placement import cap_memory, is_oom
-from nikl_ray.runfiles import HF_CHECKPOINT, final_path, read_history  # read_history: tests import it from here too
+from nikl_ray.runfiles import HF_CHECKPOINT, final_path, read_history
 from nikl_ray.runspec import SELECT_METRIC, FoldRun
 
 log = logging.getLogger(__name__)
@@ -135,18 +135,6 @@ def plain_decisions(probs: np.ndarray, multi_label: bool) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- the worker
-def quiet_worker(needs_bitsandbytes: bool) -> None:
-    """Before the heavy imports of a Train worker (its own process): drop warnings a user cannot act on
-    (quiet_transformers), and bitsandbytes where the run does not quantize: peft imports it eagerly
-    (2–4 s, most of it torch.compile machinery).
-    """
-    import sys
-
-    if not needs_bitsandbytes and "bitsandbytes" not in sys.modules:
-        sys.modules["bitsandbytes"] = None  # peft and transformers then see it as not installed
-    quiet_transformers()
-
-
 def in_ray_train() -> bool:
     import ray.train
 

@@ -10,16 +10,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the job's working dir, if nikl-ray is not installed
 import nikl_ray as nr  # noqa: E402
+from nikl_ray.api import to_tune  # noqa: E402
 from nikl_ray.cli import job  # noqa: E402
 
 
 def options(parser):
-    parser.add_argument("--backbone", action="append", help="backbone to tune (repeatable; default: those with a search space)")
+    parser.add_argument("--backbone", action="append", help="backbone to tune (repeatable; default: those with a "
+                                                            "search space, else every backbone)")
     parser.add_argument("--num-samples", type=int, help="trials (default: the experiment's search.num_samples)")
 
 
 def body(run, args) -> None:
-    for name in args.backbone or list(run.config.search_spaces):
+    for name in to_tune(run, args.backbone):
         print(f"{name}: {nr.tune(run, name, num_samples=args.num_samples)}")
 
 

@@ -61,7 +61,7 @@ def test_features_a_train_run_made_equal_those_a_task_computes_from_its_best_che
     """The features stage takes a final run's own features (made from the model in hand). Without
     them, or when they are of other weights than the best checkpoint's, a task loads that checkpoint
     and computes the same numbers (LoRA, and QLoRA in 4-bit)."""
-    from nikl_ray.runspec import MADE
+    from nikl_ray.handoff import MADE, take
     from nikl_ray.stages import features
 
     exp, data, _ = stacked
@@ -70,7 +70,7 @@ def test_features_a_train_run_made_equal_those_a_task_computes_from_its_best_che
     before = {p: read_features(layout.features(*p)) for p in (lora, qlora)}
     for p in (lora, qlora):  # what the stage took for them were the runs' own features
         best = layout.pair(*p) / load_manifest(layout.pair(*p))["best_checkpoint"]
-        made = features.made_by_its_run(layout.run_features(*p), best, before[p]["oof"]["ids"], before[p]["test"]["ids"],
+        made = take(layout.run_features(*p), best, before[p]["oof"]["ids"], before[p]["test"]["ids"],
                                         data.test.data_hash())
         np.testing.assert_array_equal(made["test"]["probs"], before[p]["test"]["probs"])
     (layout.run_features(*lora) / MADE).unlink()

@@ -20,7 +20,7 @@ def test_prompt_tuning_trains_its_virtual_tokens_and_head_only_and_its_fold_mode
     from nikl_ray.members import embed
     from nikl_ray.placement import place
     from nikl_ray.runspec import Device, RowsPayload, fold_run
-    from nikl_ray.worker import read_history
+    from nikl_ray.runfiles import read_history
 
     exp, data = setup_run({"task": "nikl-emotion", "train": str(DEMO_DIR / "train.jsonl"), "results": str(tmp_path / "res"),
                            "folds": {"k": 2, "seed": 0}, "classical": False,

@@ -16,7 +16,8 @@ import yaml
 
 from nikl_ray.artifacts import load_manifest, manifest_problem, write_manifest, write_text
 from nikl_ray.backbones import BackboneSpec
-from nikl_ray.worker import oom_message, read_history, run_with_oom_retry
+from nikl_ray.runfiles import read_history
+from nikl_ray.worker import oom_message, run_with_oom_retry
 
 
 # ---------------------------------------------------------------------------- out of memory

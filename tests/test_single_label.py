@@ -12,7 +12,7 @@ def test_sentence_sentiment_pipeline_writes_a_tsv_submission_and_scores_accuracy
     from nikl_ray.artifacts import load_manifest
     from nikl_ray.config import parse_experiment
     from nikl_ray.data import read_rows
-    from nikl_ray.worker import read_history
+    from nikl_ray.runfiles import read_history
 
     raw, out = single_label_run
     exp = parse_experiment(raw)

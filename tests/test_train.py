@@ -7,7 +7,7 @@ import pytest
 
 from nikl_ray.artifacts import load_manifest, read_json
 from nikl_ray.runspec import SELECT_METRIC
-from nikl_ray.worker import read_history
+from nikl_ray.runfiles import read_history
 
 pytestmark = pytest.mark.slow
 

@@ -152,14 +152,15 @@ def test_a_search_whose_every_trial_failed_says_so_by_name(tmp_path):
     from ray.tune import Result
 
     from nikl_ray.backbones import BackboneSpec
+    from nikl_ray.layout import Layout
     from nikl_ray.stages.tune import write_leaderboard
 
     spec = BackboneSpec(name="neox", checkpoint="tiny:gpt_neox", mode="lora")
     failed = [Result(metrics={}, checkpoint=None, error=RuntimeError("CUDA out of memory"), path=str(tmp_path / f"trial_{i}"))
               for i in range(2)]
     with pytest.raises(RuntimeError, match=r"tune neox: no trial of 2 reported a selection score \(error: RuntimeError\)"):
-        write_leaderboard(tmp_path, spec, ["lr"], failed, "eval_score")
-    assert not (tmp_path / "best_config.yaml").exists() and (tmp_path / "leaderboard.md").exists()
+        write_leaderboard(Layout(tmp_path), spec, ["lr"], failed, "eval_score")
+    assert not Layout(tmp_path).best_config("neox").exists() and Layout(tmp_path).leaderboard("neox").exists()
 
 
 def test_markdown_cells_keep_pipes_and_newlines_inside_their_cell():

@@ -82,7 +82,6 @@ def classical_features(job: FeatureJob) -> dict:
     return out
 
 
-made_by_its_run = handoff.take  # the features a fold's final run wrote, when of its best checkpoint and these rows
 
 
 def rows_of(exp: Experiment, rows, test, held_idx: np.ndarray, test_idx: np.ndarray, member: str, fold: int) -> dict:

@@ -20,9 +20,8 @@ from pathlib import Path
 
 from nikl_ray.artifacts import fresh_run_dir, manifest_problem, read_json, write_manifest, write_text
 from nikl_ray.config import Experiment
-from nikl_ray.corpus import corpus_hash, split_heldout
+from nikl_ray.corpus import corpus_hash, pretrain_corpus, split_heldout
 from nikl_ray.pretraining import PretrainRun, pretrain_loop
-from nikl_ray.run import pretrain_corpus
 from nikl_ray.runfiles import final_path
 from nikl_ray.tables import markdown
 
@@ -80,7 +79,8 @@ def run(exp: Experiment, backbones: list[str] | None = None) -> dict[str, Path]:
         trainer.fit()
         final = read_json(final_path(d, run_.name))
         workers_seen = [read_json(f) for f in sorted((d / run_.name).glob("worker*.json"))]
-        report = write_report(d, spec, info, final, workers_seen, len(train_texts), len(held))
+        report = write_report(exp.layout.pretrain_report(spec.name), spec, info, final, workers_seen, len(train_texts),
+                              len(held))
         files = [f for f in layout.pretrained(spec.name).iterdir() if f.suffix in (".safetensors", ".json")]
         write_manifest(d, inputs=inputs, files=files + [report], code=__name__,
                        extra={"steps": final["steps"], "loss_curve": final["loss_curve"],
@@ -92,7 +92,7 @@ def run(exp: Experiment, backbones: list[str] | None = None) -> dict[str, Path]:
     return out
 
 
-def write_report(d: Path, spec, info: dict, final: dict, workers: list[dict], n_train: int, n_held: int) -> Path:
+def write_report(path: Path, spec, info: dict, final: dict, workers: list[dict], n_train: int, n_held: int) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -117,4 +117,4 @@ def write_report(d: Path, spec, info: dict, final: dict, workers: list[dict], n_
              + f"; {info['unique']} unique texts."
              + (f" Left out: {', '.join(info['left_out'])} (the task's test rows)." if info["left_out"] else "") + "\n",
              "## Workers\n", markdown(workers), "## Loss curve\n", markdown(curve), "![loss](report.png)\n"]
-    return write_text(d / "report.md", "\n".join(lines))
+    return write_text(path, "\n".join(lines))

@@ -27,13 +27,13 @@ from nikl_ray.backbones import BackboneSpec
 from nikl_ray.config import ConfigError, Experiment
 from nikl_ray.folds import fold_positions
 from nikl_ray.inputs import Inputs
+from nikl_ray.layout import Layout
 from nikl_ray.runspec import SELECT_METRIC, FoldRun, RowsPayload, fold_run, held_out_hash
 from nikl_ray.search_space import default_space_path, load_search_space, memory_corner
 from nikl_ray.tables import markdown, write_table
 
 log = logging.getLogger(__name__)
 TRIAL_CPU = 0.01  # what a function trial holds while it waits on its Train run
-FINISHED = "finished_trials"  # folder of markers: one file per trial that ended by itself
 
 
 def trial_name(backbone: str, config: dict, trial_id: str) -> str:
@@ -89,8 +89,7 @@ def run(exp: Experiment, data: Inputs, backbone: str, *, space_path: str | Path 
     if why is None:
         log.info("tune %s: done already (%s)", backbone, layout.best_config(backbone))
         return layout.best_config(backbone)
-    experiment = out_dir / "search"
-    started = out_dir / "search_inputs.json"
+    experiment, started = layout.search(backbone), layout.search_inputs(backbone)
     resume = experiment.exists() and tune.Tuner.can_restore(str(experiment))
     if resume and started.exists() and read_json(started) != inputs:
         raise ConfigError(f"a search for {backbone} with other settings is in {experiment}: delete {out_dir} to start over")
@@ -101,16 +100,16 @@ def run(exp: Experiment, data: Inputs, backbone: str, *, space_path: str | Path 
     # planned CPUs, else k trials on k CPUs need k·(1+TRIAL_CPU) and a queued worker can starve.
     placement = dataclasses.replace(placement, cpus=max(placement.cpus - TRIAL_CPU, TRIAL_CPU))
     template = fold_run(exp, spec, fold, fold_positions(data.rows, folds, fold), ray.put(RowsPayload.of(data.rows)),
-                        placement, stage.device, name="", storage=str(out_dir / "train_runs"), predict_heldout=False)
+                        placement, stage.device, name="", storage=str(layout.search_runs(backbone)), predict_heldout=False)
     trainable = tune.with_resources(tune.with_parameters(tune_trial, template=template,
-                                                         finished_dir=str(out_dir / FINISHED)), {"CPU": TRIAL_CPU})
+                                                         finished_dir=str(layout.finished_trials(backbone))), {"CPU": TRIAL_CPU})
     if resume:
         log.info("tune %s: resuming the search in %s", backbone, experiment)
         tuner = tune.Tuner.restore(str(experiment), trainable, resume_errored=True)
     else:
         out_dir.mkdir(parents=True, exist_ok=True)
         write_json(started, inputs)
-        storage = optuna.storages.RDBStorage(f"sqlite:///{out_dir / 'optuna.db'}")
+        storage = optuna.storages.RDBStorage(f"sqlite:///{layout.optuna_db(backbone)}")
         searcher = OptunaSearch(metric=metric, mode="max", sampler=optuna.samplers.TPESampler(seed=seed),
                                 storage=storage, study_name=backbone)
         # max_t one past the last epoch: at max_t ASHA would stop even a trial that ran every epoch
@@ -124,15 +123,15 @@ def run(exp: Experiment, data: Inputs, backbone: str, *, space_path: str | Path 
                                                        max_concurrent_trials=slots,
                                                        trial_name_creator=lambda t: trial_name(backbone, t.config, t.trial_id),
                                                        trial_dirname_creator=lambda t: f"trial_{t.trial_id}"),
-                           run_config=tune.RunConfig(name="search", storage_path=str(out_dir), verbose=1))
+                           run_config=tune.RunConfig(name=experiment.name, storage_path=str(experiment.parent), verbose=1))
     start_guardian()  # frees the placement group of each trial ASHA stops
     results = tuner.fit()
-    best = write_leaderboard(out_dir, spec, list(space), results, metric)
-    write_manifest(out_dir, inputs=inputs, files=[best, out_dir / "leaderboard.csv"], code=__name__)
+    best = write_leaderboard(layout, spec, list(space), results, metric)
+    write_manifest(out_dir, inputs=inputs, files=[best, layout.leaderboard(backbone)], code=__name__)
     return best
 
 
-def write_leaderboard(out_dir: Path, spec: BackboneSpec, params: list[str], results, metric: str) -> Path:
+def write_leaderboard(layout: Layout, spec: BackboneSpec, params: list[str], results, metric: str) -> Path:
     board = []
     for r in results:
         df = r.metrics_dataframe
@@ -141,7 +140,7 @@ def write_leaderboard(out_dir: Path, spec: BackboneSpec, params: list[str], resu
         max_epochs = int((r.config or {}).get("epochs", spec.epochs))
         if r.error:
             stopped = f"error: {type(r.error).__name__}"
-        elif not (out_dir / FINISHED / str(r.metrics.get("trial_id"))).exists():
+        elif not (layout.finished_trials(spec.name) / str(r.metrics.get("trial_id"))).exists():
             stopped = "asha"
         else:
             stopped = "patience" if epochs < max_epochs else ""
@@ -151,15 +150,16 @@ def write_leaderboard(out_dir: Path, spec: BackboneSpec, params: list[str], resu
                       "epochs_run": epochs, "stopped_early": stopped})
     score = lambda b: b["best selection score"]  # noqa: E731
     board.sort(key=lambda b: -score(b) if score(b) is not None else 1)
-    write_table(out_dir / "leaderboard.csv", board)
+    write_table(layout.leaderboard(spec.name), board)
     log.info("tune %s leaderboard:\n%s", spec.name, markdown(board))
     best = next((b for b in board if score(b) is not None), None)
     if best is None:
         errors = sorted({b["stopped_early"] for b in board})
         raise RuntimeError(f"tune {spec.name}: no trial of {len(board)} reported a selection score ({', '.join(errors)}); "
-                           f"see {out_dir / 'leaderboard.md'} and each trial's error.txt under {out_dir / 'search'}")
+                           f"see {layout.leaderboard(spec.name).with_suffix('.md')} and each trial's error.txt under "
+                           f"{layout.search(spec.name)}")
     best_config = {p: best[p] for p in params}
-    path = write_text(out_dir / "best_config.yaml",
+    path = write_text(layout.best_config(spec.name),
                       f"# best of {len(board)} trials (selection score {score(best)}); applied by later stages\n"
                       + yaml.safe_dump(best_config, sort_keys=True))
     log.info("tune %s: best %s → %s", spec.name, best_config, path)
