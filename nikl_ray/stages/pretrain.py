@@ -106,7 +106,7 @@ def write_report(path: Path, spec, info: dict, final: dict, workers: list[dict],
         ax.plot([c["step"] for c in curve], [c["loss"] for c in curve])
         ax.set(title=f"{spec.name}: {spec.objective} pretraining", xlabel="step", ylabel="training loss")
         fig.tight_layout()
-        with atomic_path(d / "report.png") as tmp:
+        with atomic_path(path.with_suffix(".png")) as tmp:
             fig.savefig(tmp, format="png", dpi=110)
         plt.close(fig)
     lines = [f"# Pretraining {spec.name}\n",
