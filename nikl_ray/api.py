@@ -108,11 +108,11 @@ def pipeline(run: Run, *, tune_first: bool = False) -> dict:
     summary = clock("train", train, run)
     clock("features", features, run)
     report = clock("ensemble", ensemble, run)
-    layout = run.layout
+    layout, scores = run.layout, read_json(run.layout.report_json)
     out = {"results": run.results, "train_summary": summary, "report": report, "plot": layout.report_plot,
            "submission": layout.submission(run.config.task.suffix) if run.inputs.test is not None else None,
-           "chosen": read_json(layout.decision)["candidate"], "stage_seconds": clock.seconds}
-    log_summary(out, read_json(layout.report_json))
+           "chosen": scores["chosen"]["name"], "stage_seconds": clock.seconds}
+    log_summary(out, scores)
     return out
 
 
