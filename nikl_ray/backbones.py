@@ -80,6 +80,13 @@ class PretrainConfig(BaseModel):
         return self
 
 
+class RetrieveConfig(BaseModel):
+    """Retrieval-augmented prompts (generate tasks): the k nearest training items by TF-IDF over questions."""
+
+    model_config = ConfigDict(extra="forbid")
+    k: int = Field(2, ge=1, le=16, description="Training items (question and its first reference) in each prompt.")
+
+
 class BackboneSpec(BaseModel):
     """One backbone and how to tune it. Every field is documented here; YAML keys match."""
 
@@ -98,6 +105,11 @@ class BackboneSpec(BaseModel):
     lora_dropout: float = Field(0.05, ge=0.0, lt=1.0, description="LoRA dropout.")
     lora_targets: list[str] | None = Field(None, description="Modules to adapt; per-architecture default when left out.")
     prompt_tokens: int = Field(20, ge=1, le=512, description="prompt mode: virtual tokens learned in front of every row.")
+    prefix_tokens: int = Field(20, ge=1, le=512, description="prefix mode: key/value vectors learned in front of every layer.")
+    prefix_projection: bool = Field(False, description="prefix mode: produce the prefix by a trained two-layer MLP "
+                                                       "(Li & Liang's reparametrisation) instead of training it directly.")
+    prefix_hidden: int | None = Field(None, ge=1, description="prefix mode with projection: the MLP's hidden size "
+                                                              "(default the model's hidden size).")
     target_encoding: Literal["inline", "markers", "pair", "none"] = Field(
         "inline", description="inline: `<t1>` `<t2>` around the target at its own position in the text; "
                                "markers: `{text}<t1>{target}<t2>` (which occurrence is meant is lost); "
@@ -121,6 +133,21 @@ class BackboneSpec(BaseModel):
     trust_remote_code: bool = Field(False, description="Run code shipped with the checkpoint. Off unless you trust it.")
     params: float | None = Field(None, gt=0, description="Parameter count for the memory estimate; read from the config when left out.")
     pretrain: PretrainConfig | None = Field(None, description="Continue pretraining on unlabeled text first (`nikl-ray pretrain`).")
+    # generate (QA) tasks
+    max_new_tokens: int | None = Field(None, ge=1, le=4096, description="generate tasks: the longest answer generated "
+                                                                         "(and trained on); default 64 there.")
+    select_by: Literal["score", "loss"] = Field("score", description="generate tasks: choose the epoch by the task's "
+                                                                     "metric on greedy answers to the selection slice, "
+                                                                     "or by its loss on the reference answers (cheaper).")
+    select_questions: int | None = Field(None, ge=1, description="generate tasks: answer at most this many selection "
+                                                                 "questions per epoch (a fixed sample; default all).")
+    retrieve: RetrieveConfig | None = Field(None, description="generate tasks: put the k nearest training items "
+                                                              "(question and answer) into each prompt.")
+    samples: int = Field(0, ge=0, le=16, description="generate tasks: sampled answers per question besides the greedy one "
+                                                     "(each a candidate for the ensemble, with its mean token log-probability).")
+    temperature: float = Field(0.8, gt=0, description="generate tasks: sampling temperature of `samples`.")
+    optim: Literal["adamw_torch", "paged_adamw_8bit"] = Field("adamw_torch", description="Optimizer; paged_adamw_8bit "
+                                                                                         "(bitsandbytes) needs a GPU.")
 
     @field_validator("checkpoint")
     @classmethod
@@ -233,16 +260,30 @@ def load_for_classification(spec: BackboneSpec, num_labels: int, multi_label: bo
                             gradient_checkpointing: bool = False, adapter_dir: str | None = None):
     """The model to train (or, with `adapter_dir`, a trained adapter model to run) for `spec`'s mode.
     `precision` and `gradient_checkpointing` come resolved (runspec.Device.precision, checkpointing_on)."""
-    import torch
     from transformers import AutoModelForSequenceClassification
+
+    return _load(AutoModelForSequenceClassification, "SEQ_CLS", spec, tokenizer, precision, gradient_checkpointing,
+                 adapter_dir, num_labels=num_labels,
+                 problem_type="multi_label_classification" if multi_label else "single_label_classification")
+
+
+def load_for_generation(spec: BackboneSpec, tokenizer, *, precision: str = "fp32", gradient_checkpointing: bool = False,
+                        adapter_dir: str | None = None):
+    """The causal LM of a generate task to train (or, with `adapter_dir`, a trained adapter to run)."""
+    from transformers import AutoModelForCausalLM
+
+    return _load(AutoModelForCausalLM, "CAUSAL_LM", spec, tokenizer, precision, gradient_checkpointing, adapter_dir)
+
+
+def _load(auto_class, task_type: str, spec: BackboneSpec, tokenizer, precision: str, gradient_checkpointing: bool,
+          adapter_dir: str | None, **kwargs):
+    import torch
 
     quiet_transformers()
     mode = mode_of(spec)
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
-    model = AutoModelForSequenceClassification.from_pretrained(
-        spec.checkpoint, num_labels=num_labels, trust_remote_code=spec.trust_remote_code, pad_token_id=tokenizer.pad_token_id,
-        problem_type="multi_label_classification" if multi_label else "single_label_classification",
-        **mode.load_kwargs(spec, dtype))
+    model = auto_class.from_pretrained(spec.checkpoint, trust_remote_code=spec.trust_remote_code,
+                                       pad_token_id=tokenizer.pad_token_id, **kwargs, **mode.load_kwargs(spec, dtype))
     mode.after_load(model)
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:  # marker tokens added (padded vocabularies stay)
         model.resize_token_embeddings(len(tokenizer))
@@ -254,7 +295,7 @@ def load_for_classification(spec: BackboneSpec, num_labels: int, multi_label: bo
         from peft import PeftModel
 
         return PeftModel.from_pretrained(model, adapter_dir)
-    return mode.adapt(model, spec, tokenizer)
+    return mode.adapt(model, spec, tokenizer, task_type)
 
 
 def load_trained(spec: BackboneSpec, checkpoint_dir: str | Path, num_labels: int, multi_label: bool, *,
@@ -269,6 +310,21 @@ def load_trained(spec: BackboneSpec, checkpoint_dir: str | Path, num_labels: int
                                         adapter_dir=str(checkpoint_dir))
     else:
         model = AutoModelForSequenceClassification.from_pretrained(checkpoint_dir)
+    return tokenizer, model.eval()
+
+
+def load_trained_generator(spec: BackboneSpec, checkpoint_dir: str | Path, *, precision: str = "fp32"):
+    """(tokenizer, causal LM in eval mode) of a trained generate-task fold checkpoint; the tokenizer
+    pads on the left, as batched generation needs."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    quiet_transformers()
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint_dir)
+    tokenizer.padding_side = "left"
+    if mode_of(spec).adapter:
+        model = load_for_generation(spec, tokenizer, precision=precision, adapter_dir=str(checkpoint_dir))
+    else:
+        model = AutoModelForCausalLM.from_pretrained(checkpoint_dir)
     return tokenizer, model.eval()
 
 

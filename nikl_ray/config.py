@@ -18,9 +18,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from nikl_ray.backbones import BackboneSpec
 from nikl_ray.layout import Layout
+from nikl_ray.modes import mode_of
 from nikl_ray.tasks import TaskSpec, get_task
 
 log = logging.getLogger(__name__)
+DEFAULT_MAX_NEW_TOKENS = 64
 
 
 class ConfigError(ValueError):
@@ -83,7 +85,9 @@ class Experiment(BaseModel):
     results: Path = Field(Path("results"), description="Results root.")
     folds: FoldsConfig = FoldsConfig()
     backbones: list[BackboneSpec] = Field(min_length=1)
-    classical: bool = Field(True, description="Add the char n-gram TF-IDF + logistic-regression member.")
+    classical: bool = Field(True, description="Add the classical member: char n-gram TF-IDF + logistic regression "
+                                              "(classify tasks), or TF-IDF retrieval of the nearest training question's "
+                                              "answer (generate tasks).")
     resources: ResourcesConfig = ResourcesConfig()
     ensemble: EnsembleConfig = EnsembleConfig()
     search_spaces: dict[str, Path] = Field({}, description="Backbone name → search space YAML for `tune`.")
@@ -106,13 +110,27 @@ class Experiment(BaseModel):
 
     @model_validator(mode="after")
     def _losses_fit_the_task(self) -> "Experiment":
+        if self.task.generates:
+            return self._generate_backbones()
         for b in self.backbones:
+            if mode_of(b).generate_only or b.retrieve:
+                raise ValueError(f"backbone {b.name}: {'mode ' + b.mode if mode_of(b).generate_only else 'retrieve'} is "
+                                 f"for generate tasks; task {self.task.name} classifies")
             if self.task.multi_label and b.loss == "ce":
                 raise ValueError(f"backbone {b.name}: loss ce is for single-label tasks; task {self.task.name} is "
                                  "multi-label (use bce, asl or auto)")
             if not self.task.multi_label and b.loss in ("bce", "asl"):
                 raise ValueError(f"backbone {b.name}: loss {b.loss} is for multi-label tasks; task {self.task.name} is "
                                  "single-label (use ce or auto)")
+        return self
+
+    def _generate_backbones(self) -> "Experiment":
+        """A generate task's backbones are causal LMs that read the prompt as it is (no target markers)."""
+        for b in self.backbones:
+            if b.family != "decoder":
+                raise ValueError(f"backbone {b.name}: a generate task needs a decoder (causal LM); {b.checkpoint} is an encoder")
+            b.target_encoding = "none"
+            b.max_new_tokens = b.max_new_tokens or DEFAULT_MAX_NEW_TOKENS
         return self
 
     @property

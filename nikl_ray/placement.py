@@ -21,6 +21,7 @@ The allocator estimate (bytes), for one training process:
 - activations: 34·s·b·h bytes per layer at 16-bit (Korthikanti et al., 2022, without the
   attention-score term that SDPA attention never materialises), or about 2·s·b·h per layer
   with gradient checkpointing plus one layer in full,
+- generate tasks: the KV cache of answering a batch at `max_new_tokens`,
 - then a 10% margin.
 Measured against it on an H200 (torch's peak allocated): RoBERTa-base full FT at 32 × 128 peaked
 at 2.58 GB in that pipeline run and 2.40 GB in `benchmarks/gpu_packing.py` (estimate 3.6 GB); a
@@ -74,13 +75,19 @@ def lora_params(shape: ModelShape, targets: list[str], r: int) -> float:
 
 def estimate_memory_bytes(shape: ModelShape, *, mode: str, batch_size: int, max_length: int,
                           lora_r: int = 16, lora_targets: list[str] | None = None,
-                          gradient_checkpointing: bool = False, prompt_tokens: int = 0) -> float:
-    """Peak bytes PyTorch's allocator holds while training (the CUDA context is not included)."""
-    terms = mode_of(mode).memory_terms(shape, lora_r=lora_r, lora_targets=lora_targets, prompt_tokens=prompt_tokens)
+                          gradient_checkpointing: bool = False, prompt_tokens: int = 0, prefix_tokens: int = 0,
+                          prefix_hidden: int | None = None, generate_tokens: int = 0) -> float:
+    """Peak bytes PyTorch's allocator holds while training (the CUDA context is not included).
+    A generate task's run also answers its selection slice each epoch with the optimizer's state
+    held: `generate_tokens` (max_new_tokens) adds the KV cache of one evaluation batch (twice the
+    training batch) at prompt + answer length, keys and values of every layer in 16-bit."""
+    terms = mode_of(mode).memory_terms(shape, lora_r=lora_r, lora_targets=lora_targets, prompt_tokens=prompt_tokens,
+                                       prefix_tokens=prefix_tokens, prefix_hidden=prefix_hidden)
     s, b, h, L = max_length + terms.extra_tokens, batch_size, shape.hidden, shape.layers
     per_layer = 34 * s * b * h
     activations = (2 * s * b * h * L + per_layer) if gradient_checkpointing else per_layer * L
-    return (terms.weights_bytes + terms.trainable_params * 16 + activations) * 1.10
+    kv_cache = 2 * L * h * (s + generate_tokens) * (2 * b) * 2 if generate_tokens else 0
+    return (terms.weights_bytes + terms.trainable_params * 16 + activations + kv_cache) * 1.10
 
 
 def is_oom(e: BaseException) -> bool:
@@ -209,7 +216,8 @@ def estimate_for(spec, device) -> float:
     config = AutoConfig.from_pretrained(spec.checkpoint, trust_remote_code=spec.trust_remote_code)
     shape = ModelShape.from_config(config, count_params(spec))
     return estimate_memory_bytes(shape, mode=spec.mode, batch_size=spec.batch_size, max_length=spec.max_length,
-                                 gradient_checkpointing=spec.checkpointing_on(gpu=True), **mode_of(spec).memory_knobs(spec))
+                                 gradient_checkpointing=spec.checkpointing_on(gpu=True), generate_tokens=spec.max_new_tokens or 0,
+                                 **mode_of(spec).memory_knobs(spec))
 
 
 def plan(specs: list, resources, shape: ClusterShape, device) -> dict[str, Placement]:

@@ -5,10 +5,10 @@ Adding a mode is a module defining `MODE` (a `base.Mode`) and one line in MODES.
 
 from __future__ import annotations
 
-from nikl_ray.modes import full, gptq, lora, prompt, qlora
+from nikl_ray.modes import full, gptq, lora, prefix, prompt, qlora
 from nikl_ray.modes.base import MemoryTerms, Mode
 
-MODES: dict[str, Mode] = {m.name: m for m in (full.MODE, lora.MODE, qlora.MODE, gptq.MODE, prompt.MODE)}
+MODES: dict[str, Mode] = {m.name: m for m in (full.MODE, lora.MODE, qlora.MODE, gptq.MODE, prompt.MODE, prefix.MODE)}
 
 
 def mode_of(spec_or_name) -> Mode:

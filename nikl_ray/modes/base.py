@@ -29,12 +29,14 @@ class Mode:
     needs_bitsandbytes = False  # loads through bitsandbytes (kept out of workers that do not)
     virtual_tokens = False  # learned embeddings in front of every row: left padding, decoders only
     search_space = "lora"  # the default search space: search_spaces/<family>_<this>.yaml
+    generate_only = False  # causal-LM (QA) tasks only
 
     def memory_knobs(self, spec) -> dict:
         """The spec's values that memory_terms reads (keyword arguments of estimate_memory_bytes)."""
         return {}
 
-    def memory_terms(self, shape, *, lora_r: int, lora_targets: list[str] | None, prompt_tokens: int) -> MemoryTerms:
+    def memory_terms(self, shape, *, lora_r: int, lora_targets: list[str] | None, prompt_tokens: int,
+                     prefix_tokens: int = 0, prefix_hidden: int | None = None) -> MemoryTerms:
         raise NotImplementedError
 
     def load_kwargs(self, spec, dtype) -> dict:
@@ -48,8 +50,9 @@ class Mode:
         """The base as the adapter sits on it (also when a trained adapter is loaded back)."""
         return model
 
-    def adapt(self, model, spec, tokenizer):
-        """The model to train: the base with this mode's trainable part."""
+    def adapt(self, model, spec, tokenizer, task_type: str = "SEQ_CLS"):
+        """The model to train: the base with this mode's trainable part (peft's `task_type`:
+        SEQ_CLS for classification, CAUSAL_LM for generate tasks)."""
         return model
 
     def check(self, spec) -> None:

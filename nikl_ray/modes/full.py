@@ -10,7 +10,7 @@ class Full(Mode):
     adapter = False
     search_space = "full"
 
-    def memory_terms(self, shape, *, lora_r, lora_targets, prompt_tokens) -> MemoryTerms:
+    def memory_terms(self, shape, *, lora_r, lora_targets, prompt_tokens, **_) -> MemoryTerms:
         return MemoryTerms(shape.params * 4, shape.params)  # fp32 weights, all trainable
 
 

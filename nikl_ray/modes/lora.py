@@ -15,7 +15,7 @@ class Lora(Mode):
     def base_bytes(self, shape) -> float:
         return shape.params * 2  # the frozen base in 16-bit
 
-    def memory_terms(self, shape, *, lora_r, lora_targets, prompt_tokens) -> MemoryTerms:
+    def memory_terms(self, shape, *, lora_r, lora_targets, prompt_tokens, **_) -> MemoryTerms:
         from nikl_ray.placement import lora_params
 
         return MemoryTerms(self.base_bytes(shape), lora_params(shape, lora_targets or ["query", "value"], lora_r))
@@ -25,13 +25,13 @@ class Lora(Mode):
 
         return {} if dtype == torch.float32 else {"dtype": dtype}  # trainable adapters stay fp32 under peft
 
-    def adapt(self, model, spec, tokenizer):
-        from peft import LoraConfig, TaskType, get_peft_model
+    def adapt(self, model, spec, tokenizer, task_type: str = "SEQ_CLS"):
+        from peft import LoraConfig, get_peft_model
 
         from nikl_ray.backbones import MARKERS
 
         marker_ids = [tokenizer.convert_tokens_to_ids(m) for m in MARKERS] if spec.uses_markers else None
-        config = LoraConfig(task_type=TaskType.SEQ_CLS, r=spec.lora_r, lora_alpha=spec.alpha,
+        config = LoraConfig(task_type=task_type, r=spec.lora_r, lora_alpha=spec.alpha,
                             lora_dropout=spec.lora_dropout, target_modules=spec.resolved_lora_targets(),
                             # the marker tokens' embedding rows are new: train (and save) just those rows
                             trainable_token_indices=marker_ids)

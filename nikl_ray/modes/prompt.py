@@ -1,6 +1,8 @@
 """`prompt`: peft prompt tuning (decoders): `prompt_tokens` virtual token embeddings learned in
-front of every row, and the classification head; the model itself stays frozen. (peft's prefix
-tuning needs a `past_key_values` argument that transformers 5's GPT-NeoX no longer has.)"""
+front of every row, and the classification head; the model itself stays frozen. (For
+classification it stands in for prefix tuning, which peft runs only for causal LMs here: its
+sequence-classification wrapper passes a `past_key_values` argument that transformers 5's heads
+call `cache`. Generate tasks have `prefix`, nikl_ray/modes/prefix.py.)"""
 
 from __future__ import annotations
 
@@ -15,14 +17,14 @@ class Prompt(Mode):
     def memory_knobs(self, spec) -> dict:
         return {"prompt_tokens": spec.prompt_tokens}
 
-    def memory_terms(self, shape, *, lora_r, lora_targets, prompt_tokens) -> MemoryTerms:
+    def memory_terms(self, shape, *, lora_r, lora_targets, prompt_tokens, **_) -> MemoryTerms:
         # a frozen 16-bit model; the virtual tokens lengthen every row
         return MemoryTerms(shape.params * 2, prompt_tokens * shape.hidden, prompt_tokens)
 
-    def adapt(self, model, spec, tokenizer):
-        from peft import PromptTuningConfig, TaskType, get_peft_model
+    def adapt(self, model, spec, tokenizer, task_type: str = "SEQ_CLS"):
+        from peft import PromptTuningConfig, get_peft_model
 
-        return get_peft_model(model, PromptTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=spec.prompt_tokens))
+        return get_peft_model(model, PromptTuningConfig(task_type=task_type, num_virtual_tokens=spec.prompt_tokens))
 
     def check(self, spec) -> None:
         if spec.family != "decoder":
