@@ -220,8 +220,13 @@ def read_rows(paths: str | Path | Sequence[str | Path], task: TaskSpec, *, label
     """Read and validate rows from one or more files of `task`'s format.
 
     labelled: True requires labels on every row, False ignores them (test files), None takes
-    labels when the first row has them and then requires them on every row.
+    labels when the first row has them and then requires them on every row. A generate task's
+    rows are read by nikl_ray/qa/data.py (QARows: references in place of labels).
     """
+    if task.generates:
+        from nikl_ray.qa.data import read_qa_rows
+
+        return read_qa_rows(paths, task, labelled=labelled)
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
     problems: list[Problem] = []
     ids, texts, targets, spans, labels, records = [], [], [], [], [], []

@@ -1,0 +1,1 @@
+"""Generative question answering: the `generate` task family."""
