@@ -47,17 +47,33 @@ def stratified_slice(labels: np.ndarray, multi_label: bool, fraction: float, see
     return np.sort(picked)
 
 
+def item_strata(strata: np.ndarray, k: int) -> np.ndarray:
+    """One-hot strata of a generate task's items (a row is an item: all its phrasings and answers),
+    strata with fewer than k items merged into one, and that one into the largest if still too small."""
+    strata = np.asarray(strata)
+    values, counts = np.unique(strata, return_counts=True)
+    rare = set(values[counts < k].tolist())
+    merged = np.array([-1 if s in rare else s for s in strata])
+    if 0 < (merged == -1).sum() < k:
+        merged[merged == -1] = values[counts.argmax()]
+    return np.eye(len(np.unique(merged)))[np.unique(merged, return_inverse=True)[1]]
+
+
 def make_folds(rows: Rows, k: int = 5, seed: int = 42, selection: float = 0.0) -> dict:
-    """{k, seed, selection, data_hash, n_rows, folds: [[held-out ids]], select: [[selection ids]]}."""
-    if rows.labels is None:
-        raise ValueError("folds need labelled rows")
+    """{k, seed, selection, data_hash, n_rows, folds: [[held-out ids]], select: [[selection ids]]}.
+    A generate task's rows are its items, stratified by group (qa.data.QARows.strata)."""
     if not 2 <= k <= len(rows):
         raise ValueError(f"k must be between 2 and the number of rows ({len(rows)}), got {k}")
-    multi = rows.task.multi_label
+    if rows.task.generates:
+        y, multi = item_strata(rows.strata(), k), False
+    elif rows.labels is None:
+        raise ValueError("folds need labelled rows")
+    else:
+        y, multi = rows.labels, rows.task.multi_label
     folds, select = [], []
-    for f, held in enumerate(stratified_folds(rows.labels, multi, k, seed)):
+    for f, held in enumerate(stratified_folds(y, multi, k, seed)):
         train = np.setdiff1d(np.arange(len(rows)), held)
-        picked = train[stratified_slice(rows.labels[train], multi, selection, seed + 1 + f)]
+        picked = train[stratified_slice(y[train], multi, selection, seed + 1 + f)]
         folds.append(sorted(rows.ids[i] for i in held))
         select.append(sorted(rows.ids[i] for i in picked))
     return {"k": k, "seed": seed, "selection": selection, "data_hash": rows.data_hash(), "n_rows": len(rows),

@@ -80,17 +80,19 @@ def write(run: "FoldRun", data, tokenizer, model, held: tuple, step: int, batch_
     write_json(Path(order_.dir) / MADE, {"step": step, "test_hash": order_.test_hash})
 
 
-def take(made: Path, best: Path, oof_ids: list[str], test_ids: list[str], test_hash: str | None) -> dict | None:
+def take(made: Path, best: Path, oof_ids: list[str], test_ids: list[str], test_hash: str | None,
+         read=None) -> dict | None:
     """The features a fold's final run wrote in `made`, when they come from the weights of its best
     checkpoint (`best`, the HF folder) and are of these rows; None otherwise (also when the run wrote
-    none: step_in_hand did not know its weights)."""
+    none: step_in_hand did not know its weights). `read`: their reader (default the features'; a
+    generate task's runs write answers, nikl_ray/qa/answers.py)."""
     from nikl_ray.artifacts import read_json
     from nikl_ray.members import read_features
     from nikl_ray.runfiles import trainer_state
 
     try:
         stamp = read_json(Path(made) / MADE)
-        out = read_features(Path(made))
+        out = (read or read_features)(Path(made))
         best_step = trainer_state(best)["global_step"]
     except (OSError, ValueError, KeyError):
         return None

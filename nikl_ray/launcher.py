@@ -175,10 +175,14 @@ def scaling_config(run: FoldRun):
 
 
 def make_trainer(run: FoldRun, callbacks: list | None = None):
-    """The Ray Train trainer of one FoldRun."""
+    """The Ray Train trainer of one FoldRun (a generate task's runs train a causal LM: qa/worker.py)."""
     from ray.train import BackendConfig
 
-    return guarded_trainer(train_fold, train_loop_config={"run": run}, backend_config=BackendConfig(),
+    if run.task.generates:
+        from nikl_ray.qa.worker import train_qa_fold as fn
+    else:
+        fn = train_fold
+    return guarded_trainer(fn, train_loop_config={"run": run}, backend_config=BackendConfig(),
                            scaling_config=scaling_config(run), run_config=run_config(run, callbacks))
 
 

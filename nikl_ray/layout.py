@@ -153,6 +153,15 @@ class Layout:
     def submission(self, suffix: str) -> Path:
         return self.ensemble / f"submission{suffix}"
 
+    def answers_submission(self, suffix: str) -> Path:
+        """A generate task's submitted answers as text (`submission` holds their vectors where the task asks)."""
+        return self.ensemble / f"answers{suffix}"
+
+    @property
+    def qa_items(self) -> Path:
+        """A generate task's training items as retrieval reads them (questions, first references)."""
+        return self.ensemble / "qa_items.json"
+
     def candidate_submission(self, name: str, suffix: str) -> Path:
         return self.ensemble / "submissions" / f"{name}{suffix}"
 

@@ -15,6 +15,11 @@ def metric_name(multi_label: bool) -> str:
     return "micro_f1" if multi_label else "accuracy"
 
 
+def task_metric(task) -> str:
+    """The name of a task's primary score: a generate task's answer metric, else metric_name."""
+    return task.metric if task.generates else metric_name(task.multi_label)
+
+
 def micro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     """micro-F1 of 0/1 matrices (numpy, fast enough for threshold grids)."""
     y, p = np.asarray(y_true) > 0, np.asarray(y_pred).astype(bool)

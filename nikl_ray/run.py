@@ -127,12 +127,20 @@ def build_tiny(exp: Experiment, inputs: Inputs) -> Experiment:
             corpus = corpus_hash(spec.pretrain.corpus) if spec.pretrain else None
             out = exp.layout.tiny(f"{kind}-{corpus[:10]}" if corpus else kind)
             if not (out / "config.json").exists():
-                texts = pretrain_corpus(exp, spec)[0] if corpus else inputs.rows.texts
+                texts = pretrain_corpus(exp, spec)[0] if corpus else task_texts(inputs.rows)
                 log.info("building tiny %s backbone in %s (tokenizer trained on %d texts)", kind, out, len(texts))
                 make_tiny_backbone(kind, texts, out)
             spec = spec.model_copy(update={"checkpoint": str(out)})
         specs.append(spec)
     return exp.with_backbones(specs)
+
+
+def task_texts(rows) -> list[str]:
+    """The training text a tiny backbone's tokenizer learns: the rows' texts, or a generate task's
+    questions, contexts and reference answers."""
+    if not rows.task.generates:
+        return rows.texts
+    return [t for i in range(len(rows)) for t in (*rows.questions[i], rows.contexts[i] or "", *rows.answers[i]) if t]
 
 
 def apply_pretrained(exp: Experiment) -> Experiment:

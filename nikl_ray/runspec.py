@@ -9,6 +9,7 @@ always runs the same way.
 from __future__ import annotations
 
 import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,6 +101,15 @@ class FoldRun:
         return self.placement.gpu_share > 0
 
 
+def payload_of(rows, test=None):
+    """What a stage puts into Ray's object store for its workers: a RowsPayload, or a generate task's QAPayload."""
+    if rows.task.generates:
+        from nikl_ray.qa.sft import QAPayload
+
+        return QAPayload.of(rows, test)
+    return RowsPayload.of(rows, test)
+
+
 def fold_run(exp, spec: BackboneSpec, fold: int, positions: tuple, data, placement: Placement, device: Device, *,
              name: str, storage: str, predict_heldout: bool = True, features: FeatureOrder | None = None) -> FoldRun:
     """The run of `spec` on `fold`; `positions` = (train, selection, held-out) row positions."""
@@ -125,8 +135,17 @@ def answering_positions(test: Rows | None, k: int) -> list[np.ndarray]:
     """Per fold, the positions of the test rows its fold model answers for (none without a test set)."""
     if test is None:
         return [np.zeros(0, int)] * k
-    fold_of = assign(test.inputs().keys(), k, "fold")
+    fold_of = assign(row_keys(test), k, "fold")
     return [np.flatnonzero(fold_of == fold) for fold in range(k)]
+
+
+def row_keys(rows) -> list[str]:
+    """A stable key per row from what a model reads of it (its text and target; a generate task's
+    phrasings and context): the same row is always routed the same way."""
+    if not rows.task.generates:
+        return rows.inputs().keys()
+    return [hashlib.sha256(json.dumps([q, c], ensure_ascii=False).encode()).hexdigest()
+            for q, c in zip(rows.questions, rows.contexts)]
 
 
 def assign(keys: list[str], k: int, salt: str) -> np.ndarray:

@@ -23,7 +23,7 @@ from nikl_ray.modes import mode_of
 SEARCH_SPACES = Path(__file__).resolve().parents[1] / "search_spaces"
 NOT_SEARCHABLE = {"name", "checkpoint", "family", "mode", "trust_remote_code", "params"}
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
-MEMORY_KEYS = ("lora_r", "batch_size", "max_length", "prompt_tokens")  # what moves a trial's memory footprint
+MEMORY_KEYS = ("lora_r", "batch_size", "max_length", "prompt_tokens", "prefix_tokens", "max_new_tokens")  # what moves a trial's memory footprint
 
 
 class Range(BaseModel):
@@ -80,7 +80,10 @@ def _message(err: dict) -> str:
     return f"{where}: {msg}" if where else msg
 
 
-def default_space_path(spec: BackboneSpec) -> Path:
+def default_space_path(spec: BackboneSpec, task=None) -> Path:
+    """search_spaces/<family>_<mode's space>.yaml; a generate task's: search_spaces/qa_<mode's space>.yaml."""
+    if task is not None and task.generates:
+        return SEARCH_SPACES / f"qa_{mode_of(spec).search_space}.yaml"
     return SEARCH_SPACES / f"{spec.family}_{mode_of(spec).search_space}.yaml"
 
 

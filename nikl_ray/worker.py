@@ -257,9 +257,12 @@ def compute_metrics(pred, task) -> dict:
 
 
 def training_arguments(spec: BackboneSpec, run: FoldRun, output_dir: str, select: bool, on_cuda: bool):
-    """HF TrainingArguments of one attempt (`spec` may be an out-of-memory retry's)."""
+    """HF TrainingArguments of one attempt (`spec` may be an out-of-memory retry's). A generate
+    task's evaluation keeps only the loss (its score comes from generated answers, not logits)."""
     from transformers import TrainingArguments
 
+    if spec.optim.startswith("paged") and not on_cuda:
+        raise ValueError(f"backbone {spec.name}: optim {spec.optim} (bitsandbytes) needs a GPU; use adamw_torch on CPU")
     # transformers renamed gradient_checkpointing (the old name warns in 5.2x; 5.17 knows only it)
     checkpointing = ("activation_checkpointing" if "activation_checkpointing"
                      in {f.name for f in dataclasses.fields(TrainingArguments)} else "gradient_checkpointing")
@@ -269,7 +272,8 @@ def training_arguments(spec: BackboneSpec, run: FoldRun, output_dir: str, select
         per_device_eval_batch_size=spec.batch_size * 2, gradient_accumulation_steps=spec.grad_accum,
         eval_strategy="epoch" if select else "no", save_strategy="epoch", logging_strategy="epoch",
         load_best_model_at_end=select, metric_for_best_model="score" if select else None, greater_is_better=True,
-        save_total_limit=2, seed=spec.seed, data_seed=spec.seed, report_to="none", disable_tqdm=True,
+        save_total_limit=2, seed=spec.seed, data_seed=spec.seed, report_to="none", disable_tqdm=True, optim=spec.optim,
+        prediction_loss_only=run.task.generates,
         dataloader_num_workers=0, use_cpu=not on_cuda, fp16=on_cuda and run.precision == "fp16",
         bf16=on_cuda and run.precision == "bf16", **{checkpointing: run.gradient_checkpointing})
 

@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 
 def run(exp: Experiment, data: Inputs) -> Path:
     """Train the heads, compare the candidates, write report, plot and submissions. Returns the report path."""
+    if exp.task.generates:
+        from nikl_ray.qa import ensemble
+
+        return ensemble.run(exp, data)
     from nikl_ray.cluster import plan_stage
 
     layout, folds, rows, test = exp.layout, data.folds(exp), data.rows, data.test
@@ -143,21 +147,23 @@ def write_record(exp: Experiment, rows, decision: dict, rules: dict, leaderboard
     kept relative to it, so a copied results folder answers from its own files."""
     from collections import Counter
 
-    def relative(spec) -> dict:
-        d = spec.model_dump(mode="json")
-        path = Path(spec.checkpoint)
-        if path.is_absolute() and path.is_relative_to(exp.layout.root):
-            d["checkpoint"] = path.relative_to(exp.layout.root).as_posix()
-            d["checkpoint_in_results"] = True
-        return d
-
     counts = Counter(w for t in rows.texts for w in t.split())
     return [write_json(exp.layout.record, {
-                "task": exp.task.model_dump(mode="json"), "backbones": [relative(b) for b in exp.backbones],
+                "task": exp.task.model_dump(mode="json"), "backbones": [record_backbone(exp, b) for b in exp.backbones],
                 "decision": decision, "rules": rules,
                 # columns kept in order (the record's keys are sorted when written)
                 "leaderboard": {"columns": list(leaderboard[0]), "rows": [list(r.values()) for r in leaderboard]}}),
             write_json(exp.layout.repeated_words, sorted(w for w, c in counts.items() if c > 1))]
+
+
+def record_backbone(exp: Experiment, spec) -> dict:
+    """A backbone as the run's record keeps it: a checkpoint inside the results root relative to it."""
+    d = spec.model_dump(mode="json")
+    path = Path(spec.checkpoint)
+    if path.is_absolute() and path.is_relative_to(exp.layout.root):
+        d["checkpoint"] = path.relative_to(exp.layout.root).as_posix()
+        d["checkpoint_in_results"] = True
+    return d
 
 
 # ---------------------------------------------------------------------------- report

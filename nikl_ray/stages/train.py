@@ -21,10 +21,10 @@ from nikl_ray.backbones import BackboneSpec
 from nikl_ray.config import Experiment
 from nikl_ray.folds import fold_positions
 from nikl_ray.inputs import Inputs
-from nikl_ray.metrics import metric_name
+from nikl_ray.metrics import task_metric
 from nikl_ray import handoff
 from nikl_ray.runfiles import HF_CHECKPOINT, read_history
-from nikl_ray.runspec import SELECT_METRIC, FoldRun, RowsPayload, answering_positions, final_run, held_out_hash
+from nikl_ray.runspec import SELECT_METRIC, FoldRun, answering_positions, final_run, held_out_hash, payload_of
 from nikl_ray.tables import markdown, write_table
 
 log = logging.getLogger(__name__)
@@ -37,7 +37,7 @@ def pair_inputs(exp: Experiment, spec: BackboneSpec, fold: int, folds: dict) -> 
 
 def summarize(run: FoldRun, out: dict) -> dict:
     """What the manifest keeps of a finished run: its epochs, scores, losses and clocks."""
-    metric = metric_name(run.task.multi_label)
+    metric = task_metric(run.task)
     history = read_history(out["latest_checkpoint"])
     evals = [h for h in history if SELECT_METRIC in h]
     best = max(evals, key=lambda h: h[SELECT_METRIC]) if evals else None
@@ -62,7 +62,7 @@ def run(exp: Experiment, data: Inputs, *, backbones: list[str] | None = None) ->
     specs = [s for s in exp.backbones if backbones is None or s.name in backbones]
     stage = plan_stage(exp, specs)
     log.info("%s", stage.describe())
-    payload = ray.put(RowsPayload.of(data.rows, data.test))
+    payload = ray.put(payload_of(data.rows, data.test))
     answering = answering_positions(data.test, folds["k"])
     test_hash = data.test.data_hash() if data.test is not None else None
     runs, status = [], {}
@@ -78,7 +78,7 @@ def run(exp: Experiment, data: Inputs, *, backbones: list[str] | None = None) ->
                                   stage.placements[spec.name], stage.device,
                                   handoff.order(layout, spec.name, fold, answering[fold], test_hash)))
     failures = []
-    metric = metric_name(exp.task.multi_label)
+    metric = task_metric(exp.task)
 
     def done(run: FoldRun, out: dict) -> None:
         d = layout.pair(run.backbone.name, run.fold)
@@ -110,7 +110,7 @@ def run(exp: Experiment, data: Inputs, *, backbones: list[str] | None = None) ->
 
 
 def write_summary(exp: Experiment, specs: list[BackboneSpec], k: int, status: dict) -> Path:
-    metric = metric_name(exp.task.multi_label)
+    metric = task_metric(exp.task)
     rows = []
     for spec in specs:
         for fold in range(k):

@@ -28,7 +28,7 @@ from nikl_ray.config import ConfigError, Experiment
 from nikl_ray.folds import fold_positions
 from nikl_ray.inputs import Inputs
 from nikl_ray.layout import Layout
-from nikl_ray.runspec import SELECT_METRIC, FoldRun, RowsPayload, fold_run, held_out_hash
+from nikl_ray.runspec import SELECT_METRIC, FoldRun, fold_run, held_out_hash, payload_of
 from nikl_ray.search_space import default_space_path, load_search_space, memory_corner
 from nikl_ray.tables import markdown, write_table
 
@@ -75,7 +75,7 @@ def run(exp: Experiment, data: Inputs, backbone: str, *, space_path: str | Path 
     layout, folds, cfg = exp.layout, data.folds(exp), exp.search
     num_samples, fold, grace_period, seed = cfg.num_samples, cfg.fold, cfg.grace_period, cfg.seed
     spec = exp.backbone(backbone)
-    space_path = Path(space_path or exp.search_spaces.get(backbone) or default_space_path(spec))
+    space_path = Path(space_path or exp.search_spaces.get(backbone) or default_space_path(spec, exp.task))
     space = load_search_space(space_path, spec)
     metric = SELECT_METRIC
     prune_metric = cfg.prune_metric or metric
@@ -99,7 +99,7 @@ def run(exp: Experiment, data: Inputs, backbone: str, *, space_path: str | Path 
     # A trial = the function trial (TRIAL_CPU) + its Train worker; together they hold exactly the
     # planned CPUs, else k trials on k CPUs need k·(1+TRIAL_CPU) and a queued worker can starve.
     placement = dataclasses.replace(placement, cpus=max(placement.cpus - TRIAL_CPU, TRIAL_CPU))
-    template = fold_run(exp, spec, fold, fold_positions(data.rows, folds, fold), ray.put(RowsPayload.of(data.rows)),
+    template = fold_run(exp, spec, fold, fold_positions(data.rows, folds, fold), ray.put(payload_of(data.rows)),
                         placement, stage.device, name="", storage=str(layout.search_runs(backbone)), predict_heldout=False)
     trainable = tune.with_resources(tune.with_parameters(tune_trial, template=template,
                                                          finished_dir=str(layout.finished_trials(backbone))), {"CPU": TRIAL_CPU})

@@ -1,0 +1,277 @@
+"""The ensemble stage of a generate task: minimum-Bayes-risk selection over every member's answers.
+
+1. Every member's answers (features stage: each fold model's greedy answer and any samples, the
+   retrieval member's) are loaded per question, out-of-fold and test. Members with a degenerate
+   fold model (the same answer to nearly every question) are left out of every combination.
+2. Candidates, each scored out-of-fold by the task's metric against the item's references:
+   - each member alone (its greedy answer);
+   - `mbr`: per question, the answer among all active members' candidates with the highest mean
+     utility (the task's metric) against the other candidates: the consensus answer;
+   - `mbr-top`: MBR over the m best members only, m and the ranking *cross-fitted*: chosen on the
+     other inner folds (by item), applied to each inner fold in turn.
+3. What is submitted is the candidate with the best out-of-fold score. Its test answers come from
+   the same procedure (mbr-top: m and the ranking chosen on every out-of-fold question).
+4. The report gives every candidate's score overall and per group, and example answers; every
+   candidate's test answers are written under `submissions/`; the run's record (`run.json`) and
+   the training items retrieval needs (`qa_items.json`) are what the QA Predictor reads.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from nikl_ray.artifacts import manifest_problem, read_json, sha256_file, write_json, write_manifest, write_text
+from nikl_ray.qa.answers import RETRIEVAL, member_names, read_answers
+from nikl_ray.runspec import assign
+from nikl_ray.tables import markdown
+
+log = logging.getLogger(__name__)
+MBR, MBR_TOP = "mbr", "mbr-top"
+EXAMPLES = 5
+
+
+class Judge:
+    """The task's metric and MBR utility, with every text embedded once (cosine)."""
+
+    def __init__(self, task):
+        from nikl_ray.qa.metrics import get_embedder
+
+        self.metric = task.metric
+        self.embedder = _Cached(get_embedder(task.embedder)) if task.metric == "cosine" else None
+
+    def prefetch(self, texts) -> None:
+        if self.embedder is not None:
+            self.embedder.encode(sorted(set(texts)))
+
+    def scores(self, predictions: list[str], references: list[list[str]]) -> np.ndarray:
+        from nikl_ray.qa.metrics import score_answers
+
+        return score_answers(self.metric, predictions, references, self.embedder)
+
+    def pick(self, pool: list[str]) -> int:
+        from nikl_ray.qa.metrics import mbr_pick, utility_matrix
+
+        if len(pool) == 1:
+            return 0
+        vectors = self.embedder.encode(pool) if self.embedder is not None else None
+        return mbr_pick(utility_matrix(self.metric, pool, self.embedder, vectors))
+
+
+class _Cached:
+    """An embedder that embeds each distinct text once."""
+
+    def __init__(self, embedder):
+        self.embedder, self.name, self._vec = embedder, getattr(embedder, "name", "embedder"), {}
+
+    def encode(self, texts):
+        new = sorted({t for t in texts if t not in self._vec})
+        if new:
+            self._vec.update(zip(new, self.embedder.encode(new)))
+        return np.stack([self._vec[t] for t in texts]) if texts else np.zeros((0, 1), np.float32)
+
+
+def load_answers(layout, member: str, k: int, oof_ids: list[str], test_ids: list[str]) -> dict:
+    """{part: per question [(text, logp), …]} in the order asked, joined by question id."""
+    got = {"oof": {}, "test": {}}
+    for fold in range(k):
+        parts = read_answers(layout.features(member, fold))
+        for part in got:
+            got[part].update(zip(parts[part]["ids"], parts[part]["answers"]))
+    out = {}
+    for part, want in (("oof", oof_ids), ("test", test_ids)):
+        missing = [q for q in want if q not in got[part]]
+        if missing:
+            raise ValueError(f"answers of {member}: {len(missing)} {part} question(s) have none, e.g. {missing[:3]}")
+        out[part] = [[(a[0], a[1]) for a in got[part][q]] for q in want]
+    return out
+
+
+def pools(answers: dict, members: list[str], part: str, n: int) -> list[list[tuple[str, str]]]:
+    """Per question: every (member, answer) candidate of `members`."""
+    return [[(m, a[0]) for m in members for a in answers[m][part][i]] for i in range(n)]
+
+
+def mbr_answers(judge: Judge, pool: list[list[tuple[str, str]]]) -> list[tuple[str, str]]:
+    """Per question, the (member, answer) MBR picks from its pool."""
+    return [p[judge.pick([a for _, a in p])] for p in pool]
+
+
+def crossfit_top(judge, answers, active, refs, inner, n_inner) -> tuple[list[tuple[str, str]], dict]:
+    """mbr-top out of fold: for each inner fold, rank members and choose m on the other folds; the
+    chosen answers, and what each fold chose."""
+    n = len(refs)
+    member_scores = {m: judge.scores([a[0][0] for a in answers[m]["oof"]], refs) for m in active}
+    mbr_by_m = {}  # member set → (its MBR answers, their scores): folds often rank alike
+    chosen: list = [None] * n
+    record = {}
+    for j in range(n_inner):
+        rest, here = np.flatnonzero(inner != j), np.flatnonzero(inner == j)
+        ranking = sorted(active, key=lambda m: -member_scores[m][rest].mean())
+        best_m, best = 1, -1.0
+        for m in range(2, len(ranking) + 1):
+            key = tuple(sorted(ranking[:m]))
+            if key not in mbr_by_m:
+                picked = mbr_answers(judge, pools(answers, list(key), "oof", n))
+                mbr_by_m[key] = (picked, judge.scores([a for _, a in picked], refs))
+            score = mbr_by_m[key][1][rest].mean()
+            if score > best:
+                best_m, best = m, score
+        key = tuple(sorted(ranking[:best_m]))
+        for i in here:
+            chosen[i] = mbr_by_m[key][0][i]
+        record[j] = list(key)
+    return chosen, record
+
+
+def choose_top(judge, answers, active, refs) -> list[str]:
+    """mbr-top's members for test questions: ranked and m chosen on every out-of-fold question."""
+    n = len(refs)
+    ranking = sorted(active, key=lambda m: -judge.scores([a[0][0] for a in answers[m]["oof"]], refs).mean())
+    best, members = -1.0, ranking[:2]
+    for m in range(2, len(ranking) + 1):
+        picked = mbr_answers(judge, pools(answers, ranking[:m], "oof", n))
+        score = judge.scores([a for _, a in picked], refs).mean()
+        if score > best:
+            best, members = score, ranking[:m]
+    return members
+
+
+def run(exp, data) -> Path:
+    """Compare every candidate out-of-fold, write report, submissions and the run's record. Returns the report."""
+    from nikl_ray.members import degenerate_members
+    from nikl_ray.qa.data import write_answers, write_vectors
+    from nikl_ray.qa.sft import queries
+    from nikl_ray.qa.worker import test_queries
+
+    layout, folds, rows, test, task = exp.layout, data.folds(exp), data.rows, data.test, exp.task
+    k, cfg = folds["k"], exp.ensemble
+    members = member_names(exp)
+    inputs = {"features": {f"{m}/fold{f}": sha256_file(layout.manifest(layout.features(m, f))) for m in members for f in range(k)},
+              "inner_folds": cfg.inner_folds, "seed": cfg.seed, "task": task.model_dump(mode="json")}
+    if manifest_problem(layout.ensemble, inputs, __name__) is None:
+        log.info("ensemble: done already (%s)", layout.ensemble)
+        return layout.report
+    oof_q = queries(rows.ids, rows.questions, rows.contexts)
+    test_q = test_queries(_TestView(test), np.arange(len(test))) if test is not None else []
+    answers = {m: load_answers(layout, m, k, [q.id for q in oof_q], [q.id for q in test_q]) for m in members}
+    dead = degenerate_members(layout, [b.name for b in exp.backbones], k)
+    for m, reasons in dead.items():
+        log.warning("ensemble: %s is left out of every combination: degenerate fold model(s): %s", m, "; ".join(reasons))
+    active = [m for m in members if m not in dead]
+    if not active:
+        raise RuntimeError(f"every member is degenerate: {dead}")
+    refs = [rows.answers[q.item] for q in oof_q]
+    groups = [rows.groups[q.item] for q in oof_q]
+    inner = assign([rows.ids[q.item] for q in oof_q], cfg.inner_folds, "inner")  # by item: its phrasings together
+    judge = Judge(task)
+    judge.prefetch([r for rs in refs for r in rs] + [a[0] for m in members for part in answers[m].values()
+                                                      for q in part for a in q])
+    log.info("ensemble: %d out-of-fold questions, %d test questions, members %s", len(oof_q), len(test_q), members)
+
+    oof = {m: [("", a[0][0]) for a in answers[m]["oof"]] for m in members}  # each member alone: its greedy answer
+    combos = {}
+    if sum(len(answers[m]["oof"][0]) for m in active) > 1:
+        oof[MBR] = mbr_answers(judge, pools(answers, active, "oof", len(oof_q)))
+        combos[MBR] = active
+    if len(active) > 2:
+        oof[MBR_TOP], per_fold = crossfit_top(judge, answers, active, refs, inner, cfg.inner_folds)
+        combos[MBR_TOP] = choose_top(judge, answers, active, refs)
+    per_question = {n: judge.scores([a for _, a in got], refs) for n, got in oof.items()}
+    score = {n: float(s.mean()) for n, s in per_question.items()}
+    candidates = active + list(combos)
+    chosen = max(candidates, key=lambda n: score[n])
+    member_best = max(active, key=lambda m: score[m])
+    runner_up = max((n for n in candidates if n != chosen), key=lambda n: score[n], default=None)
+
+    files, suffix = [], task.suffix
+    test_answers = {}
+    if test is not None:
+        for n in candidates:
+            picked = (mbr_answers(judge, pools(answers, combos[n], "test", len(test_q))) if n in combos
+                      else [("", a[0][0]) for a in answers[n]["test"]])
+            test_answers[n] = [a for _, a in picked]
+            files.append(write_answers(test, test_answers[n], layout.candidate_submission(n, suffix)))
+        files.append(write_answers(test, test_answers[chosen], layout.answers_submission(suffix)))
+        if task.submission_vectors:
+            vectors = judge.embedder.encode(test_answers[chosen]) if judge.embedder else _vectors(task, test_answers[chosen])
+            files.append(write_vectors(test, vectors, layout.submission(suffix)))
+        else:
+            files.append(write_answers(test, test_answers[chosen], layout.submission(suffix)))
+        log.info("ensemble: submission (%s) written to %s", chosen, layout.submission(suffix))
+
+    by_group = sorted({g for g in groups if g is not None})
+    table = [{"candidate": n, f"out-of-fold {task.metric}": score[n],
+              **{g: float(per_question[n][[i for i, x in enumerate(groups) if x == g]].mean()) for g in by_group},
+              "role": "submitted" if n == chosen else "candidate" if n in candidates else "left out (degenerate)"}
+             for n in oof]
+    examples = [{"question": oof_q[i].question, "reference": refs[i][0],
+                 **{n: oof[n][i][1] for n in oof}} for i in range(min(EXAMPLES, len(oof_q)))]
+    report = {
+        "metric": task.metric, "rows": len(rows), "questions": len(oof_q), "members": members, "active_members": active,
+        "degenerate": dead, "candidates": candidates, "crossfit_score": score, "table": table, "examples": examples,
+        "combinations": combos, "mbr_top_per_inner_fold": per_fold if MBR_TOP in oof else None,
+        "chosen": {"name": chosen, "rule": "mbr" if chosen in combos else "member", "params": {"members": combos.get(chosen, [chosen])},
+                   "score": score[chosen], "runner_up": runner_up, "runner_up_score": score.get(runner_up),
+                   "best_member": member_best, "best_member_score": score[member_best],
+                   "retrieval_score": score.get(RETRIEVAL)},
+    }
+    files += [write_json(layout.report_json, report), write_text(layout.report, report_markdown(report))]
+    files += write_record(exp, rows, chosen, combos, candidates, table, k, cfg.inner_folds)
+    write_manifest(layout.ensemble, inputs=inputs, files=files, code=__name__)
+    log.info("ensemble: submitted %s, out-of-fold %s %.4f (best member %s %.4f%s)", chosen, task.metric, score[chosen],
+             member_best, score[member_best],
+             f", retrieval {score[RETRIEVAL]:.4f}" if RETRIEVAL in score else "")
+    return layout.report
+
+
+class _TestView:
+    """A test set seen as the test part of a QAPayload (what worker.test_queries reads)."""
+
+    def __init__(self, test):
+        self.test_ids, self.test_questions, self.test_contexts = test.ids, test.questions, test.contexts
+
+
+def _vectors(task, answers):
+    from nikl_ray.qa.metrics import get_embedder
+
+    return get_embedder(task.embedder).encode(answers)
+
+
+def write_record(exp, rows, chosen: str, combos: dict, candidates: list[str], table: list[dict], k: int,
+                 inner_folds: int) -> list[Path]:
+    """The run as trained, for the QA Predictor: the task, the backbones, each candidate's members,
+    and the training items the retrieval member and retrieval prompts read."""
+    from nikl_ray.stages.ensemble import record_backbone
+
+    layout = exp.layout
+    decision = {"candidate": chosen, "k": k, "inner_folds": inner_folds, "members": member_names(exp),
+                "combinations": combos}
+    return [write_json(layout.record, {
+                "task": exp.task.model_dump(mode="json"), "backbones": [record_backbone(exp, b) for b in exp.backbones],
+                "decision": decision, "rules": {n: {"rule": "mbr" if n in combos else "member", "members": combos.get(n, [n])}
+                                                for n in candidates},
+                "leaderboard": {"columns": list(table[0]), "rows": [list(r.values()) for r in table]}}),
+            write_json(layout.qa_items, {"ids": rows.ids, "questions": rows.questions, "contexts": rows.contexts,
+                                         "answers": [a[:1] for a in rows.answers]})]
+
+
+def report_markdown(report: dict) -> str:
+    c, metric = report["chosen"], report["metric"]
+    lines = [f"# Ensemble report (generate)\n\n{report['rows']} items, {report['questions']} out-of-fold questions "
+             f"(every phrasing); members: {', '.join(report['members'])}.\n",
+             f"Every score is out-of-fold {metric}: each question answered by the fold models that never saw its item. "
+             "`mbr` picks, per question, the candidate with the highest mean utility against the others; `mbr-top` "
+             "does so over the m best members, m and the ranking chosen on the other inner folds (cross-fitted).\n",
+             markdown(report["table"]),
+             f"**Submitted: {c['name']}**: out-of-fold {metric} {c['score']:.4f}"
+             + (f", {c['score'] - c['runner_up_score']:+.4f} over the next candidate ({c['runner_up']})" if c["runner_up"] else "")
+             + f", {c['score'] - c['best_member_score']:+.4f} over the best single member ({c['best_member']})"
+             + (f", {c['score'] - c['retrieval_score']:+.4f} over the retrieval member" if c["retrieval_score"] is not None else "")
+             + ".\n"]
+    if report["degenerate"]:
+        lines.append("Left out (degenerate fold models): " + "; ".join(f"{m}: {', '.join(r)}" for m, r in report["degenerate"].items()) + "\n")
+    lines += ["## Example answers (out-of-fold)\n", markdown(report["examples"])]
+    return "\n".join(lines)
