@@ -40,7 +40,8 @@ class CorpusSource(BaseModel):
     model_config = ConfigDict(extra="forbid")
     path: str = Field(description="A jsonl, tsv/csv or plain-text file.")
     format: Literal["jsonl", "tsv", "csv", "lines"] | None = Field(None, description="Default: from the file.")
-    field: str | None = Field(None, description="jsonl: a dotted field; tsv/csv: a column. Default: the usual ones.")
+    field: str | list[str] | None = Field(None, description="jsonl: a dotted field; tsv/csv: a column; or a list of them "
+                                                            "(a QA file's question columns). Default: the usual ones.")
 
 
 class PretrainConfig(BaseModel):

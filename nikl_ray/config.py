@@ -88,6 +88,9 @@ class Experiment(BaseModel):
     classical: bool = Field(True, description="Add the classical member: char n-gram TF-IDF + logistic regression "
                                               "(classify tasks), or TF-IDF retrieval of the nearest training question's "
                                               "answer (generate tasks).")
+    retrieval_items: int = Field(5, ge=1, le=50, description="generate tasks: the retrieval member's candidates for MBR "
+                                                             "are the references of this many nearest training items "
+                                                             "(its own answer: the nearest one's first).")
     resources: ResourcesConfig = ResourcesConfig()
     ensemble: EnsembleConfig = EnsembleConfig()
     search_spaces: dict[str, Path] = Field({}, description="Backbone name → search space YAML for `tune`.")

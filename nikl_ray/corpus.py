@@ -3,7 +3,8 @@
 Formats (by `format`, else by the file): JSON Lines (`field`, a dotted path; by default `text`,
 NIKL's `input.form`, `document`, `review` or `form`, whichever a row has), tsv/csv with a header
 (`field` is the column; by default `document` or `text`, NSMC style), and plain text, one text
-a line. A `.txt` whose first line is a tab-separated header is read as tsv.
+a line. `field` may list several fields or columns (a QA file's phrasings: `[질문_1, 질문_2]`); a
+JSON field holding a list of strings gives each. A `.txt` whose first line is a tab-separated header is read as tsv.
 """
 
 from __future__ import annotations
@@ -33,15 +34,17 @@ def _format(path: Path, fmt: str | None) -> str:
     return "tsv" if "\t" in first and any(c in first.rstrip("\n").split("\t") for c in COLUMNS) else "lines"
 
 
-def _get(obj, dotted: str):
+def _get(obj, dotted: str) -> list[str]:
+    """The texts at a dotted path: a string, or each string of a list (a QA row's phrasings)."""
     for key in dotted.split("."):
         if not isinstance(obj, dict) or key not in obj:
-            return None
+            return []
         obj = obj[key]
-    return obj if isinstance(obj, str) else None
+    return [obj] if isinstance(obj, str) else [t for t in obj if isinstance(t, str)] if isinstance(obj, list) else []
 
 
-def _texts(path: Path, fmt: str, field: str | None):
+def _texts(path: Path, fmt: str, field: str | list[str] | None):
+    fields = [field] if isinstance(field, str) else field
     with open(path, encoding="utf-8", newline="") as f:
         if fmt == "lines":
             yield from f
@@ -49,15 +52,19 @@ def _texts(path: Path, fmt: str, field: str | None):
             for line in f:
                 if line.strip():
                     row = json.loads(line)
-                    yield next((t for t in ((_get(row, k)) for k in ([field] if field else JSON_FIELDS)) if t), None)
+                    if fields:
+                        yield from (t for k in fields for t in _get(row, k))
+                    else:
+                        yield next((t for k in JSON_FIELDS for t in _get(row, k) if t), None)
         else:
             reader = csv.DictReader(f, delimiter="\t" if fmt == "tsv" else ",",
                                     quoting=csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL)
-            column = field or next((c for c in COLUMNS if c in (reader.fieldnames or [])), None)
-            if column is None or column not in (reader.fieldnames or []):
-                raise ValueError(f"{path}: no column {field or ' / '.join(COLUMNS)} in its header {reader.fieldnames}")
+            header = reader.fieldnames or []
+            columns = fields or [next((c for c in COLUMNS if c in header), None)]
+            if not [c for c in columns if c in header]:
+                raise ValueError(f"{path}: no column {' / '.join(fields or COLUMNS)} in its header {header}")
             for row in reader:
-                yield row.get(column)
+                yield from (row.get(c) for c in columns if c in header)
 
 
 def read_corpus(sources: list, exclude: list[Path] = ()) -> tuple[list[str], dict]:

@@ -127,7 +127,9 @@ def build_tiny(exp: Experiment, inputs: Inputs) -> Experiment:
             corpus = corpus_hash(spec.pretrain.corpus) if spec.pretrain else None
             out = exp.layout.tiny(f"{kind}-{corpus[:10]}" if corpus else kind)
             if not (out / "config.json").exists():
-                texts = pretrain_corpus(exp, spec)[0] if corpus else task_texts(inputs.rows)
+                # a generate task's tokenizer also learns its answers' text, which a corpus of questions lacks
+                texts = ((pretrain_corpus(exp, spec)[0] if corpus else [])
+                         + (task_texts(inputs.rows) if exp.task.generates or not corpus else []))
                 log.info("building tiny %s backbone in %s (tokenizer trained on %d texts)", kind, out, len(texts))
                 make_tiny_backbone(kind, texts, out)
             spec = spec.model_copy(update={"checkpoint": str(out)})

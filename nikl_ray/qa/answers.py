@@ -9,7 +9,9 @@ Ray task per (member, fold) loads the best checkpoint and answers.
 
 The retrieval member (`classical: true`): per question, the first reference answer of the
 fold's training item (training part and selection slice) whose question is nearest by TF-IDF
-over characters 1–3 — the competition's retrieval baseline, cross-fitted like every member.
+over characters 1–3 — the competition's retrieval baseline, cross-fitted like every member —
+and, as its further candidates for the ensemble's MBR, every reference of the
+`retrieval_items` nearest items.
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ class AnswerJob:
     heldout_idx: np.ndarray
     test_idx: np.ndarray
     train_idx: np.ndarray  # what the fold model trained on (its prompts retrieve from these)
+    retrieval_items: int = 1
     run: FoldRun | None = None
     checkpoint: str | None = None
 
@@ -79,7 +82,7 @@ def model_answers(job: AnswerJob) -> dict:
     """Ray task: a trained fold model answers its held-out and routed test questions."""
     from nikl_ray.backbones import load_trained_generator
     from nikl_ray.placement import cap_memory
-    from nikl_ray.qa.sft import queries
+    from nikl_ray.qa.data import queries
     from nikl_ray.qa.worker import answer_queries, fold_prompter, test_queries
 
     run, data = job.run, _resolved(job.data)
@@ -99,7 +102,8 @@ def model_answers(job: AnswerJob) -> dict:
 
 def retrieval_answers(job: AnswerJob) -> dict:
     """Ray task: the retrieval member on one fold (its index: the fold's training items)."""
-    from nikl_ray.qa.sft import Retriever, queries
+    from nikl_ray.qa.data import queries
+    from nikl_ray.qa.sft import Retriever
     from nikl_ray.qa.worker import test_queries
 
     data = _resolved(job.data)
@@ -107,8 +111,8 @@ def retrieval_answers(job: AnswerJob) -> dict:
     out = {}
     for part, qs in (("oof", queries(data.ids, data.questions, data.contexts, job.heldout_idx)),
                      ("test", test_queries(data, job.test_idx))):
-        near = index.nearest([q.question for q in qs], 1) if qs else []
-        out[part] = ([q.id for q in qs], [[(data.answers[n[0]][0], None)] for n in near])
+        near = index.nearest([q.question for q in qs], job.retrieval_items) if qs else []
+        out[part] = ([q.id for q in qs], [[(a, None) for i in n for a in data.answers[i]] for n in near])
     return out
 
 
@@ -117,7 +121,8 @@ def run(exp, data) -> Path:
     import ray
 
     from nikl_ray.cluster import plan_stage
-    from nikl_ray.qa.sft import QAPayload, queries
+    from nikl_ray.qa.data import queries
+    from nikl_ray.qa.sft import QAPayload
     from nikl_ray.qa.worker import test_queries
 
     layout, folds, rows, test = exp.layout, data.folds(exp), data.rows, data.test
@@ -135,15 +140,17 @@ def run(exp, data) -> Path:
                 inputs = {"member": member, "data_hash": folds["data_hash"], "fold": fold, "k": k,
                           "held_out_hash": held_out_hash(folds, fold), "test_hash": test_hash,
                           "task": exp.task.model_dump(mode="json")}
-                job = AnswerJob(member, fold, payload, held_idx, answering[fold], np.concatenate([train_idx, select_idx]))
+                inputs["retrieval_items"] = exp.retrieval_items
+                job = AnswerJob(member, fold, payload, held_idx, answering[fold], np.concatenate([train_idx, select_idx]),
+                                exp.retrieval_items)
                 fn, opts = retrieval_answers, {"num_cpus": 1}
             else:
                 spec, pair = exp.backbone(member), layout.pair(member, fold)
                 run_ = final_run(exp, spec, fold, positions, None, stage.placements[member], stage.device,
                                  handoff.order(layout, member, fold, answering[fold], test_hash))
                 inputs = {"member": member, "train_manifest": sha256_file(pair / MANIFEST), "k": k, "test_hash": test_hash}
-                job = AnswerJob(member, fold, payload, held_idx, answering[fold], train_idx, run_,
-                                str(pair / load_manifest(pair)["best_checkpoint"]))
+                job = AnswerJob(member, fold, payload, held_idx, answering[fold], train_idx, run=run_,
+                                checkpoint=str(pair / load_manifest(pair)["best_checkpoint"]))
                 fn, opts = model_answers, {"num_cpus": run_.placement.cpus, "num_gpus": run_.placement.gpu_share}
             d = layout.features(member, fold)
             why = manifest_problem(d, inputs, __name__)

@@ -38,7 +38,7 @@ from nikl_ray.artifacts import atomic_path, sha256_file
 from nikl_ray.data import DataError, Problem
 from nikl_ray.tasks import GENERATE_FORMATS, TaskSpec
 
-__all__ = ["QARows", "Query", "read_qa_rows", "write_answers", "write_vectors"]
+__all__ = ["QARows", "Query", "queries", "read_qa_rows", "write_answers", "write_vectors"]
 
 _MISSING = object()
 
@@ -107,9 +107,15 @@ class QARows:
     def queries(self, index: Sequence[int] | np.ndarray | None = None) -> list[Query]:
         """One Query per phrasing of the given rows (all by default), in row order;
         ids are `f"{item_id}#q{j}"` for phrasing j."""
-        items = range(len(self)) if index is None else map(int, index)
-        return [Query(f"{self.ids[i]}#q{j}", i, q, self.contexts[i])
-                for i in items for j, q in enumerate(self.questions[i])]
+        return queries(self.ids, self.questions, self.contexts, index)
+
+
+def queries(ids, questions, contexts, index=None, *, first_only: bool = False) -> list[Query]:
+    """Every phrasing (or the first only) of the items at `index` (all by default) as a Query, in row
+    order: of QARows, or of the lists a worker's payload carries."""
+    items = range(len(ids)) if index is None else map(int, index)
+    return [Query(f"{ids[i]}#q{j}", i, q, contexts[i])
+            for i in items for j, q in enumerate(questions[i][:1] if first_only else questions[i])]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,8 +7,9 @@
    - each member alone (its greedy answer);
    - `mbr`: per question, the answer among all active members' candidates with the highest mean
      utility (the task's metric) against the other candidates: the consensus answer;
-   - `mbr-top`: MBR over the m best members only, m and the ranking *cross-fitted*: chosen on the
-     other inner folds (by item), applied to each inner fold in turn.
+   - `mbr-top`: MBR over the m best members only (m = 1: over the best member's own candidates,
+     e.g. the retrieval member's references of the nearest items), m and the ranking
+     *cross-fitted*: chosen on the other inner folds (by item), applied to each inner fold in turn.
 3. What is submitted is the candidate with the best out-of-fold score. Its test answers come from
    the same procedure (mbr-top: m and the ranking chosen on every out-of-fold question).
 4. The report gives every candidate's score overall and per group, and example answers; every
@@ -99,51 +100,45 @@ def mbr_answers(judge: Judge, pool: list[list[tuple[str, str]]]) -> list[tuple[s
     return [p[judge.pick([a for _, a in p])] for p in pool]
 
 
-def crossfit_top(judge, answers, active, refs, inner, n_inner) -> tuple[list[tuple[str, str]], dict]:
-    """mbr-top out of fold: for each inner fold, rank members and choose m on the other folds; the
-    chosen answers, and what each fold chose."""
-    n = len(refs)
-    member_scores = {m: judge.scores([a[0][0] for a in answers[m]["oof"]], refs) for m in active}
-    mbr_by_m = {}  # member set → (its MBR answers, their scores): folds often rank alike
-    chosen: list = [None] * n
-    record = {}
-    for j in range(n_inner):
-        rest, here = np.flatnonzero(inner != j), np.flatnonzero(inner == j)
-        ranking = sorted(active, key=lambda m: -member_scores[m][rest].mean())
-        best_m, best = 1, -1.0
-        for m in range(2, len(ranking) + 1):
-            key = tuple(sorted(ranking[:m]))
-            if key not in mbr_by_m:
-                picked = mbr_answers(judge, pools(answers, list(key), "oof", n))
-                mbr_by_m[key] = (picked, judge.scores([a for _, a in picked], refs))
-            score = mbr_by_m[key][1][rest].mean()
-            if score > best:
-                best_m, best = m, score
-        key = tuple(sorted(ranking[:best_m]))
-        for i in here:
-            chosen[i] = mbr_by_m[key][0][i]
-        record[j] = list(key)
-    return chosen, record
+class TopMembers:
+    """mbr-top: MBR over the m best members, the ranking (each member alone) and m chosen on some
+    out-of-fold questions; each member set's MBR answers computed once."""
 
+    def __init__(self, judge: Judge, answers: dict, active: list[str], refs: list[list[str]]):
+        self.judge, self.answers, self.active, self.refs = judge, answers, active, refs
+        self.alone = {m: judge.scores([a[0][0] for a in answers[m]["oof"]], refs) for m in active}
+        self._mbr: dict = {}
 
-def choose_top(judge, answers, active, refs) -> list[str]:
-    """mbr-top's members for test questions: ranked and m chosen on every out-of-fold question."""
-    n = len(refs)
-    ranking = sorted(active, key=lambda m: -judge.scores([a[0][0] for a in answers[m]["oof"]], refs).mean())
-    best, members = -1.0, ranking[:2]
-    for m in range(2, len(ranking) + 1):
-        picked = mbr_answers(judge, pools(answers, ranking[:m], "oof", n))
-        score = judge.scores([a for _, a in picked], refs).mean()
-        if score > best:
-            best, members = score, ranking[:m]
-    return members
+    def mbr(self, members: list[str]) -> tuple[list[tuple[str, str]], np.ndarray]:
+        key = tuple(sorted(members))
+        if key not in self._mbr:
+            picked = mbr_answers(self.judge, pools(self.answers, list(key), "oof", len(self.refs)))
+            self._mbr[key] = (picked, self.judge.scores([a for _, a in picked], self.refs))
+        return self._mbr[key]
+
+    def best(self, rows: np.ndarray) -> list[str]:
+        """The members chosen on the out-of-fold questions at `rows`."""
+        ranking = sorted(self.active, key=lambda m: -self.alone[m][rows].mean())
+        return max((ranking[:m] for m in range(1, len(ranking) + 1)), key=lambda ms: self.mbr(ms)[1][rows].mean())
+
+    def crossfit(self, inner: np.ndarray, n_inner: int) -> tuple[list[tuple[str, str]], dict]:
+        """Each inner fold answered by the members chosen on the others; what each fold chose."""
+        chosen: list = [None] * len(self.refs)
+        record = {}
+        for j in range(n_inner):
+            members = self.best(np.flatnonzero(inner != j))
+            picked = self.mbr(members)[0]
+            for i in np.flatnonzero(inner == j):
+                chosen[i] = picked[i]
+            record[j] = members
+        return chosen, record
 
 
 def run(exp, data) -> Path:
     """Compare every candidate out-of-fold, write report, submissions and the run's record. Returns the report."""
     from nikl_ray.members import degenerate_members
     from nikl_ray.qa.data import write_answers, write_vectors
-    from nikl_ray.qa.sft import queries
+    from nikl_ray.qa.data import queries
     from nikl_ray.qa.worker import test_queries
 
     layout, folds, rows, test, task = exp.layout, data.folds(exp), data.rows, data.test, exp.task
@@ -176,9 +171,10 @@ def run(exp, data) -> Path:
     if sum(len(answers[m]["oof"][0]) for m in active) > 1:
         oof[MBR] = mbr_answers(judge, pools(answers, active, "oof", len(oof_q)))
         combos[MBR] = active
-    if len(active) > 2:
-        oof[MBR_TOP], per_fold = crossfit_top(judge, answers, active, refs, inner, cfg.inner_folds)
-        combos[MBR_TOP] = choose_top(judge, answers, active, refs)
+    if len(active) > 1:
+        top = TopMembers(judge, answers, active, refs)
+        oof[MBR_TOP], per_fold = top.crossfit(inner, cfg.inner_folds)
+        combos[MBR_TOP] = top.best(np.arange(len(refs)))  # for the test questions: chosen on all of them
     per_question = {n: judge.scores([a for _, a in got], refs) for n, got in oof.items()}
     score = {n: float(s.mean()) for n, s in per_question.items()}
     candidates = active + list(combos)

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from nikl_ray.qa.data import Query, queries  # noqa: F401 - queries: the payload's questions as Queries
+
 log = logging.getLogger(__name__)
 IGNORE = -100  # the label of a position the loss skips
 
@@ -47,23 +49,6 @@ class QAPayload:
     def of(cls, rows, test=None) -> "QAPayload":
         return cls(rows.ids, rows.questions, rows.contexts, rows.answers, test.ids if test is not None else [],
                    test.questions if test is not None else [], test.contexts if test is not None else [])
-
-
-@dataclass(frozen=True)
-class Query:
-    """One question to answer: a phrasing of an item (`id` = `<item id>#q<j>`), or a test row."""
-
-    id: str
-    item: int  # the item's position in its rows
-    question: str
-    context: str | None = None
-
-
-def queries(ids, questions, contexts, index=None, *, first_only: bool = False) -> list[Query]:
-    """Every phrasing of the items at `index` (all items by default) as a query, in row order."""
-    index = range(len(ids)) if index is None else index
-    return [Query(f"{ids[i]}#q{j}", int(i), q, contexts[i]) for i in index
-            for j, q in enumerate(questions[i][:1] if first_only else questions[i])]
 
 
 class Retriever:

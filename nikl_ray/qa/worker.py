@@ -48,7 +48,8 @@ def train_qa_fold(config: dict) -> None:
 
     from nikl_ray.artifacts import write_json
     from nikl_ray.backbones import load_tokenizer
-    from nikl_ray.qa.sft import pairs_dataset, queries
+    from nikl_ray.qa.data import queries
+    from nikl_ray.qa.sft import pairs_dataset
 
     spec = run.backbone
     data = ray.get(run.data) if isinstance(run.data, ray.ObjectRef) else run.data
@@ -108,7 +109,7 @@ def fold_prompter(spec, tokenizer, data, train_idx):
 
 def test_queries(data, index) -> list:
     """The test rows at `index` as queries: a test item gets one answer, to its first phrasing."""
-    from nikl_ray.qa.sft import queries
+    from nikl_ray.qa.data import queries
 
     return queries(data.test_ids, data.test_questions, data.test_contexts, index, first_only=True)
 
@@ -127,7 +128,7 @@ class SelectionJudge:
     selection slice's questions, against their items' references."""
 
     def __init__(self, run: FoldRun, data, prompter, tokenizer):
-        from nikl_ray.qa.sft import queries
+        from nikl_ray.qa.data import queries
 
         qs = queries(data.ids, data.questions, data.contexts, run.select_idx)
         cap = run.backbone.select_questions
