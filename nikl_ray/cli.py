@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 EXAMPLE = Path(__file__).parent / "examples" / "tiny.yaml"
+QA_EXAMPLE = Path(__file__).parent / "examples" / "qa_tiny.yaml"
 log = logging.getLogger("nikl_ray")
 
 
@@ -59,6 +60,14 @@ def _finished(args):
     if not (args.results or args.config):
         raise SystemExit("give --results DIR (a finished run's results root) or --config")
     return Predictor.load(args.results or load_experiment(args.config).results)
+
+
+def _classifier(args):
+    """A finished classify run (explain and select read labels' probabilities)."""
+    predictor = _finished(args)
+    if predictor.task.generates:
+        raise SystemExit(f"{args.command} is for classify runs; task {predictor.task.name} generates answers")
+    return predictor
 
 
 def cmd_validate(args) -> int:
@@ -171,10 +180,17 @@ def cmd_pipeline(args) -> int:
 
 def cmd_demo(args) -> int:
     """The whole pipeline on the shipped demo data with tiny backbones, on this machine."""
-    args.config, args.local, args.tune, args.num_gpus = str(EXAMPLE), True, False, None
-    args.results = args.results or "results/demo"
+    args.config, args.local, args.tune, args.num_gpus = str(QA_EXAMPLE if args.qa else EXAMPLE), True, False, None
+    args.results = args.results or ("results/qa-demo" if args.qa else "results/demo")
     code = cmd_pipeline(args)
     results = f"--results {args.results}"
+    if args.qa:
+        print(f"\nNext, with the finished QA demo run:\n"
+              f"  nikl-ray predict {results} --text '벽지 들뜸은 왜 생기나요?'\n"
+              f"  nikl-ray serve {results} --local\n"
+              f"  curl -s 127.0.0.1:8000/generate -H 'Content-Type: application/json' -d '{{\"question\": \"곰팡이를 예방하려면?\"}}'"
+              f"      # while it serves, from another shell")
+        return code
     print(f"\nNext, with the finished demo run:\n"
           f"  nikl-ray explain {results} --text '오늘 경기 보고 진짜 너무 무서워'\n"
           f"  nikl-ray serve {results} --local\n"
@@ -188,6 +204,15 @@ def cmd_predict(args) -> int:
     import json
 
     predictor = _finished(args)
+    if predictor.task.generates:
+        answer = predictor.generate([args.text], [args.context], candidate=args.candidate)[0]
+        if args.json:
+            print(json.dumps(answer, ensure_ascii=False))
+        else:
+            for c in answer["candidates"]:
+                print(f"{c['member']:<16} {c['answer']}")
+            print(f"answer: {answer['answer']}   ({answer['candidate']}, from {answer['member']})")
+        return 0
     answer = predictor.answer(predictor.rows_of([args.text], [args.target]), candidate=args.candidate)[0]
     if args.json:
         print(json.dumps(answer, ensure_ascii=False))
@@ -201,7 +226,7 @@ def cmd_predict(args) -> int:
 def cmd_explain(args) -> int:
     from nikl_ray.explain import explain, write_html
 
-    predictor = _finished(args)
+    predictor = _classifier(args)
     e = explain(predictor, args.text, args.target)
     for label in e.labels:
         print(f"{label:<14} {e.probs[label]:.3f}  {e.marked(label)}")
@@ -216,7 +241,7 @@ def cmd_select(args) -> int:
     from nikl_ray.data import read_rows
     from nikl_ray.select import rank, write_selection
 
-    predictor = _finished(args)
+    predictor = _classifier(args)
     pool = read_rows(args.pool, predictor.task, labelled=False)
     ranked = rank(predictor, pool, args.rarity_weight)
     path = write_selection(pool, ranked, args.n, args.out or predictor.layout.selection(f"next_{args.n}{predictor.task.suffix}"))
@@ -321,11 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
                                           "skipping finished stages", _add_run, _add_ray)
     p.add_argument("--tune", action="store_true", help="search hyper-parameters first for backbones with a search space")
     p = command("demo", cmd_demo, "the whole pipeline on the shipped demo data with tiny backbones (CPU, minutes)")
-    p.add_argument("--results", help="results root (default results/demo)")
+    p.add_argument("--qa", action="store_true", help="the generative-QA demo (nikl_ray/examples/qa_tiny.yaml)")
+    p.add_argument("--results", help="results root (default results/demo, results/qa-demo with --qa)")
     p.add_argument("--num-cpus", type=int, help="CPUs Ray may use (default: all)")
-    p = command("predict", cmd_predict, "labels for one sentence from a finished run", _add_finished)
-    p.add_argument("--text", required=True, help="the sentence")
+    p = command("predict", cmd_predict, "labels for one sentence (or a generate run's answer to one question) from a "
+                                        "finished run", _add_finished)
+    p.add_argument("--text", required=True, help="the sentence (a generate run: the question)")
     p.add_argument("--target", help="the target span (NIKL); leave out for the whole text")
+    p.add_argument("--context", help="a generate run: the passage to answer from (tasks with a context field)")
     p.add_argument("--candidate", help="answer with this candidate (default: the submitted one; see the report)")
     p.add_argument("--json", action="store_true", help="print the answer as `serve` returns it")
     p = command("explain", cmd_explain, "which words made a finished run give its labels (text marks and an HTML file)",

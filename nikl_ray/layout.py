@@ -159,7 +159,7 @@ class Layout:
 
     @property
     def qa_items(self) -> Path:
-        """A generate task's training items as retrieval reads them (questions, first references)."""
+        """A generate task's training items as retrieval reads them (questions, references)."""
         return self.ensemble / "qa_items.json"
 
     def candidate_submission(self, name: str, suffix: str) -> Path:

@@ -59,12 +59,18 @@ class Predictor:
 
     @classmethod
     def load(cls, results: str | Path) -> "Predictor":
-        """The finished run in the results folder `results` (or a Run's)."""
+        """The finished run in the results folder `results` (or a Run's); a generate run's is a
+        nikl_ray.qa.predictor.QAPredictor (`generate(questions)` in place of `predict(rows)`)."""
         layout = Layout(getattr(results, "results", results))
         if not layout.record.exists():
             raise FileNotFoundError(f"no finished run in {layout.root}: {layout.record} is missing "
                                     "(run the pipeline, or its ensemble stage, first)")
-        return cls(layout, read_json(layout.record))
+        record = read_json(layout.record)
+        if record["task"].get("kind") == "generate":
+            from nikl_ray.qa.predictor import QAPredictor
+
+            return QAPredictor(layout, record)
+        return cls(layout, record)
 
     def leaderboard(self) -> list[dict]:
         """Every candidate's cross-fitted score per rule and its role: the report's table."""

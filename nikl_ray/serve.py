@@ -1,4 +1,5 @@
-"""A finished run on Ray Serve: `POST /predict`, `GET /health`, on 127.0.0.1 unless configured.
+"""A finished run on Ray Serve: `POST /predict` (or, for a generate run, `POST /generate`), `GET /health`,
+on 127.0.0.1 unless configured.
 
     nikl-ray serve --results results/nikl --local               # http://127.0.0.1:8000
     curl -s 127.0.0.1:8000/predict -H 'Content-Type: application/json' -d '{"text": "오늘 영화 너무 좋다", "target": "영화"}'
@@ -10,8 +11,10 @@ replica's overhead, so one replica answers a row end to end, with no network hop
 `--replicas N` adds copies. Rows from concurrent requests are batched with Serve's own
 `@serve.batch` and answered in one Predictor call. A body is one row `{"text", "target"?,
 "explain"?}` or a list of them; the answer gives per row its labels, per-label probabilities and
-the rule (and word highlights with `"explain": true`). A bad request gets a 4xx with the reason;
-the replica keeps serving.
+the rule (and word highlights with `"explain": true`). A generate (QA) run answers `POST
+/generate` with a body `{"question", "context"?, "candidate"?}` or a list of them: per question
+the answer, the member it came from and every member's candidates. A bad request gets a 4xx
+with the reason; the replica keeps serving.
 """
 
 import logging
@@ -28,6 +31,12 @@ MAX_ROWS = 256
 app = FastAPI(title="nikl-ray")
 
 
+class Question(BaseModel):
+    question: str = Field(description="The question to answer.")
+    context: str | None = Field(None, description="A passage to answer from (tasks with a context field).")
+    candidate: str | None = Field(None, description="Which candidate answers (default: the submitted one).")
+
+
 class Row(BaseModel):
     text: str = Field(description="The sentence to label.")
     target: str | None = Field(None, description="The span the emotion is about (must occur in the text).")
@@ -42,11 +51,35 @@ class RunDeployment:
 
         self.predictor = Predictor.load(results)
         self.needs_spans = self.predictor.task.target_field is not None
+        self.generates = self.predictor.task.generates
 
     @app.get("/health")
     def health(self) -> dict:
         p = self.predictor
-        return {"status": "ok", "task": p.task.name, "labels": p.task.labels, "candidate": p.candidate, "rule": p.rule}
+        return {"status": "ok", "task": p.task.name, "kind": p.task.kind, "labels": p.task.labels,
+                "candidate": p.candidate, "rule": p.rule}
+
+    @app.post("/generate")
+    async def generate(self, body: Question | list[Question] = Body(...)) -> dict | list[dict]:
+        from nikl_ray.predictor import BadRequest
+
+        if not self.generates:
+            raise HTTPException(400, f"task {self.predictor.task.name} classifies: POST /predict")
+        questions = body if isinstance(body, list) else [body]
+        if not questions or len(questions) > MAX_ROWS:
+            raise HTTPException(400, f"send 1 to {MAX_ROWS} questions")
+        for q in questions:
+            if not q.question.strip():
+                raise HTTPException(400, "question is empty")
+            if len(q.question) + len(q.context or "") > MAX_CHARS:
+                raise HTTPException(413, f"question and context have more than {MAX_CHARS} characters")
+        answers = []
+        try:
+            for q in questions:  # one call per question: each may ask for its own candidate
+                answers += self.predictor.generate([q.question], [q.context], candidate=q.candidate)
+        except BadRequest as e:
+            raise HTTPException(400, str(e)) from None
+        return answers if isinstance(body, list) else answers[0]
 
     def _check(self, row: Row) -> None:
         if not row.text.strip():
@@ -70,6 +103,9 @@ class RunDeployment:
 
         from nikl_ray.explain import explain
 
+        if self.generates:
+            raise HTTPException(400, f"task {self.predictor.task.name} generates answers: POST /generate "
+                                     '{"question": …}')
         rows = body if isinstance(body, list) else [body]
         if not rows or len(rows) > MAX_ROWS:
             raise HTTPException(400, f"send 1 to {MAX_ROWS} rows")
@@ -97,8 +133,14 @@ def serve_run(results: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
     import time
 
     url = deploy(results, host=host, port=port, replicas=replicas)
-    print(f"serving {Path(results).resolve()} at {url}  (GET {url}/health, POST {url}/predict)")
-    print(f"""  curl -s {url}/predict -H 'Content-Type: application/json' -d '{{"text": "오늘 영화 너무 좋다", "explain": true}}'""")
+    from nikl_ray.artifacts import read_json
+    from nikl_ray.layout import Layout
+
+    generates = read_json(Layout(results).record)["task"].get("kind") == "generate"
+    route, example = ("generate", '{"question": "도배지가 들뜨는 이유는?"}') if generates else (
+        "predict", '{"text": "오늘 영화 너무 좋다", "explain": true}')
+    print(f"serving {Path(results).resolve()} at {url}  (GET {url}/health, POST {url}/{route})")
+    print(f"""  curl -s {url}/{route} -H 'Content-Type: application/json' -d '{example}'""")
     if block:
         try:
             while True:

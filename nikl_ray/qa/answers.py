@@ -82,8 +82,8 @@ def model_answers(job: AnswerJob) -> dict:
     """Ray task: a trained fold model answers its held-out and routed test questions."""
     from nikl_ray.backbones import load_trained_generator
     from nikl_ray.placement import cap_memory
-    from nikl_ray.qa.data import queries
-    from nikl_ray.qa.worker import answer_queries, fold_prompter, test_queries
+    from nikl_ray.qa.data import queries, test_queries
+    from nikl_ray.qa.worker import answer_queries, fold_prompter
 
     run, data = job.run, _resolved(job.data)
     cap_memory(run.memory_fraction, run.device)
@@ -94,7 +94,7 @@ def model_answers(job: AnswerJob) -> dict:
     t0 = time.time()
     out = {}
     for part, qs in (("oof", queries(data.ids, data.questions, data.contexts, job.heldout_idx)),
-                     ("test", test_queries(data, job.test_idx))):
+                     ("test", test_queries(data.test_ids, data.test_questions, data.test_contexts, job.test_idx))):
         out[part] = ([q.id for q in qs], answer_queries(run.backbone, tokenizer, model, prompter, qs, 2 * run.backbone.batch_size))
     out["seconds"] = time.time() - t0
     return out
@@ -102,15 +102,14 @@ def model_answers(job: AnswerJob) -> dict:
 
 def retrieval_answers(job: AnswerJob) -> dict:
     """Ray task: the retrieval member on one fold (its index: the fold's training items)."""
-    from nikl_ray.qa.data import queries
+    from nikl_ray.qa.data import queries, test_queries
     from nikl_ray.qa.sft import Retriever
-    from nikl_ray.qa.worker import test_queries
 
     data = _resolved(job.data)
     index = Retriever(data.questions, job.train_idx)
     out = {}
     for part, qs in (("oof", queries(data.ids, data.questions, data.contexts, job.heldout_idx)),
-                     ("test", test_queries(data, job.test_idx))):
+                     ("test", test_queries(data.test_ids, data.test_questions, data.test_contexts, job.test_idx))):
         near = index.nearest([q.question for q in qs], job.retrieval_items) if qs else []
         out[part] = ([q.id for q in qs], [[(a, None) for i in n for a in data.answers[i]] for n in near])
     return out
@@ -121,9 +120,8 @@ def run(exp, data) -> Path:
     import ray
 
     from nikl_ray.cluster import plan_stage
-    from nikl_ray.qa.data import queries
+    from nikl_ray.qa.data import queries, test_queries
     from nikl_ray.qa.sft import QAPayload
-    from nikl_ray.qa.worker import test_queries
 
     layout, folds, rows, test = exp.layout, data.folds(exp), data.rows, data.test
     k = folds["k"]
@@ -158,7 +156,7 @@ def run(exp, data) -> Path:
                 continue
             if job.run is not None:
                 oof_ids = [q.id for q in queries(plain.ids, plain.questions, plain.contexts, held_idx)]
-                test_ids = [q.id for q in test_queries(plain, answering[fold])]
+                test_ids = [q.id for q in test_queries(plain.test_ids, plain.test_questions, plain.test_contexts, answering[fold])]
                 made = handoff.take(Path(job.run.features.dir), Path(job.checkpoint), oof_ids, test_ids, test_hash,
                                     read=read_answers)
                 if made is not None:

@@ -38,7 +38,7 @@ from nikl_ray.artifacts import atomic_path, sha256_file
 from nikl_ray.data import DataError, Problem
 from nikl_ray.tasks import GENERATE_FORMATS, TaskSpec
 
-__all__ = ["QARows", "Query", "queries", "read_qa_rows", "write_answers", "write_vectors"]
+__all__ = ["QARows", "Query", "queries", "test_queries", "read_qa_rows", "write_answers", "write_vectors"]
 
 _MISSING = object()
 
@@ -108,6 +108,11 @@ class QARows:
         """One Query per phrasing of the given rows (all by default), in row order;
         ids are `f"{item_id}#q{j}"` for phrasing j."""
         return queries(self.ids, self.questions, self.contexts, index)
+
+
+def test_queries(ids, questions, contexts, index=None) -> list[Query]:
+    """Test items as Queries: a test item gets one answer, to its first phrasing."""
+    return queries(ids, questions, contexts, index, first_only=True)
 
 
 def queries(ids, questions, contexts, index=None, *, first_only: bool = False) -> list[Query]:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from nikl_ray.artifacts import manifest_problem, read_json, sha256_file, write_json, write_manifest, write_text
+from nikl_ray.artifacts import manifest_problem, sha256_file, write_json, write_manifest, write_text
 from nikl_ray.qa.answers import RETRIEVAL, member_names, read_answers
 from nikl_ray.runspec import assign
 from nikl_ray.tables import markdown
@@ -139,7 +139,7 @@ def run(exp, data) -> Path:
     from nikl_ray.members import degenerate_members
     from nikl_ray.qa.data import write_answers, write_vectors
     from nikl_ray.qa.data import queries
-    from nikl_ray.qa.worker import test_queries
+    from nikl_ray.qa.data import test_queries
 
     layout, folds, rows, test, task = exp.layout, data.folds(exp), data.rows, data.test, exp.task
     k, cfg = folds["k"], exp.ensemble
@@ -150,7 +150,7 @@ def run(exp, data) -> Path:
         log.info("ensemble: done already (%s)", layout.ensemble)
         return layout.report
     oof_q = queries(rows.ids, rows.questions, rows.contexts)
-    test_q = test_queries(_TestView(test), np.arange(len(test))) if test is not None else []
+    test_q = test_queries(test.ids, test.questions, test.contexts) if test is not None else []
     answers = {m: load_answers(layout, m, k, [q.id for q in oof_q], [q.id for q in test_q]) for m in members}
     dead = degenerate_members(layout, [b.name for b in exp.backbones], k)
     for m, reasons in dead.items():
@@ -223,13 +223,6 @@ def run(exp, data) -> Path:
     return layout.report
 
 
-class _TestView:
-    """A test set seen as the test part of a QAPayload (what worker.test_queries reads)."""
-
-    def __init__(self, test):
-        self.test_ids, self.test_questions, self.test_contexts = test.ids, test.questions, test.contexts
-
-
 def _vectors(task, answers):
     from nikl_ray.qa.metrics import get_embedder
 
@@ -244,14 +237,14 @@ def write_record(exp, rows, chosen: str, combos: dict, candidates: list[str], ta
 
     layout = exp.layout
     decision = {"candidate": chosen, "k": k, "inner_folds": inner_folds, "members": member_names(exp),
-                "combinations": combos}
+                "combinations": combos, "retrieval_items": exp.retrieval_items}
     return [write_json(layout.record, {
                 "task": exp.task.model_dump(mode="json"), "backbones": [record_backbone(exp, b) for b in exp.backbones],
                 "decision": decision, "rules": {n: {"rule": "mbr" if n in combos else "member", "members": combos.get(n, [n])}
                                                 for n in candidates},
                 "leaderboard": {"columns": list(table[0]), "rows": [list(r.values()) for r in table]}}),
             write_json(layout.qa_items, {"ids": rows.ids, "questions": rows.questions, "contexts": rows.contexts,
-                                         "answers": [a[:1] for a in rows.answers]})]
+                                         "answers": rows.answers})]
 
 
 def report_markdown(report: dict) -> str:

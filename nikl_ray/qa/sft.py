@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nikl_ray.qa.data import Query, queries  # noqa: F401 - queries: the payload's questions as Queries
+from nikl_ray.qa.data import Query, queries
 
 log = logging.getLogger(__name__)
 IGNORE = -100  # the label of a position the loss skips

@@ -48,7 +48,7 @@ def train_qa_fold(config: dict) -> None:
 
     from nikl_ray.artifacts import write_json
     from nikl_ray.backbones import load_tokenizer
-    from nikl_ray.qa.data import queries
+    from nikl_ray.qa.data import queries, test_queries
     from nikl_ray.qa.sft import pairs_dataset
 
     spec = run.backbone
@@ -68,8 +68,7 @@ def train_qa_fold(config: dict) -> None:
     judge = SelectionJudge(run, data, prompter, tokenizer) if select_ds is not None and spec.select_by == "score" else None
     model = load_model(run, tokenizer)
     with tempfile.TemporaryDirectory(prefix="nikl-ray-hf-", ignore_cleanup_errors=True) as out_dir:
-        fit = QAFitAttempts(run, tokenizer, train_ds, select_ds, out_dir, checkpoint, ray_train, on_cuda, started)
-        fit.judge = judge
+        fit = QAFitAttempts(run, tokenizer, train_ds, select_ds, out_dir, checkpoint, ray_train, on_cuda, started, judge=judge)
         trainer = run_with_oom_retry(spec, run.fold, run.estimate_gb, model, fit, functools.partial(load_model, run, tokenizer))
     speed = next((h for h in reversed(trainer.state.log_history) if "train_runtime" in h), {})
     final = {"train_steps_per_second": speed.get("train_steps_per_second"),
@@ -84,7 +83,7 @@ def train_qa_fold(config: dict) -> None:
         final.update(heldout_report(run, data, held_qs, [a[0][0] for a in held]))
         step = handoff.step_in_hand(trainer, select_ds is not None, resumed=bool(checkpoint), attempts=len(fit.specs))
         if run.features is not None and step is not None:
-            test_qs = test_queries(data, run.features.test_idx)
+            test_qs = test_queries(data.test_ids, data.test_questions, data.test_contexts, run.features.test_idx)
             test = answer_queries(spec, tokenizer, model, prompter, test_qs, batch)
             write_handoff(run.features, {"oof": ([q.id for q in held_qs], held), "test": ([q.id for q in test_qs], test)}, step)
     context = ray.get_runtime_context() if ray_train else None
@@ -105,13 +104,6 @@ def fold_prompter(spec, tokenizer, data, train_idx):
     from nikl_ray.qa.sft import Prompter
 
     return Prompter(tokenizer, data.questions, data.answers, np.asarray(train_idx), spec.retrieve.k if spec.retrieve else 0)
-
-
-def test_queries(data, index) -> list:
-    """The test rows at `index` as queries: a test item gets one answer, to its first phrasing."""
-    from nikl_ray.qa.data import queries
-
-    return queries(data.test_ids, data.test_questions, data.test_contexts, index, first_only=True)
 
 
 def answer_queries(spec, tokenizer, model, prompter, qs: list, batch_size: int, *, samples: int | None = None) -> list:
@@ -151,7 +143,9 @@ class QAFitAttempts(FitAttempts):
     """The classification worker's fit attempts with a causal-LM trainer: pairs padded with labels
     -100, and each evaluation scored by the SelectionJudge (or by its negated loss)."""
 
-    judge: SelectionJudge | None = None
+    def __init__(self, *args, judge: SelectionJudge | None = None):
+        super().__init__(*args)
+        self.judge = judge
 
     def trainer(self, spec, model, output_dir: str):
         from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback, PrinterCallback
