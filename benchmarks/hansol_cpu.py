@@ -4,8 +4,9 @@
     python benchmarks/hansol_cpu.py --folds 3 --epochs 6 --pretrain-minutes 3 --results results/hansol-bench
 
 Two tiny random-init decoders, GPT-NeoX (polyglot-ko's shape) and Llama, with a byte-level BPE
-tokenizer trained on the task's text (questions and reference answers of the training items),
-first continue their pretraining as causal LMs on the training *questions* (both phrasings;
+tokenizer trained on the task's text (questions and references of every training item: its
+vocabulary, as a classification run's tokenizer learns from every row's text), first continue
+their pretraining as causal LMs on the training *questions* (both phrasings;
 `--pretrain-minutes` each). Not on the answers: they are what the folds score, and a model
 pretrained on them has seen every held-out item's answers. Then, per fold, on Ray Train:
 GPT-NeoX fully fine-tuned with and without the nearest training item in the prompt
@@ -92,10 +93,10 @@ def main(argv=None) -> int:
     seconds = {**clock.seconds, **out["stage_seconds"]}
     report, layout = read_json(run.layout.report_json), run.layout
     candidates = {}
-    for name in report["crossfit_score"]:
+    for name in report["oof_score"]:
         path = layout.candidate_submission(name, run.config.task.suffix)
         answers = {r["id"]: r["answer"] for r in csv.DictReader(path.open(encoding="utf-8"))} if path.exists() else None
-        candidates[name] = {"oof_cosine": report["crossfit_score"][name], "candidate": name in report["candidates"],
+        candidates[name] = {"oof_cosine": report["oof_score"][name], "candidate": name in report["candidates"],
                             "test_answers": answers}
     chosen = report["chosen"]
     bench = {"data": str(data), "folds": args.folds, "epochs": args.epochs, "pretrain_minutes": args.pretrain_minutes,

@@ -147,8 +147,8 @@ class BackboneSpec(BaseModel):
     samples: int = Field(0, ge=0, le=16, description="generate tasks: sampled answers per question besides the greedy one "
                                                      "(each a candidate for the ensemble, with its mean token log-probability).")
     temperature: float = Field(0.8, gt=0, description="generate tasks: sampling temperature of `samples`.")
-    optim: Literal["adamw_torch", "paged_adamw_8bit"] = Field("adamw_torch", description="Optimizer; paged_adamw_8bit "
-                                                                                         "(bitsandbytes) needs a GPU.")
+    optim: Literal["adamw_torch", "adamw_torch_fused", "paged_adamw_8bit"] | None = Field(
+        None, description="Optimizer (default: HF Trainer's); paged_adamw_8bit (bitsandbytes) needs a GPU.")
 
     @field_validator("checkpoint")
     @classmethod
@@ -224,6 +224,9 @@ def quiet_transformers() -> None:
     hf_logging.disable_progress_bar()
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
+    # peft's prefix tuning hands a generating model its prefix as `past_key_values` beside the `cache`
+    # transformers 5 keeps: it warns at every generated token, and the prefix is used as it should be
+    warnings.filterwarnings("ignore", message="Both `past_key_values` and `cache` are set", category=FutureWarning)
 
 
 def quiet_worker(needs_bitsandbytes: bool) -> None:

@@ -27,11 +27,13 @@ from nikl_ray.modes import mode_of
 
 log = logging.getLogger(__name__)
 CLASSICAL = "tfidf-lr"
+RETRIEVAL = "retrieval"  # a generate task's classical member (nikl_ray/qa/answers.py)
 
 
 def member_names(exp) -> list[str]:
-    """The experiment's members: its backbones, then the classical member when enabled."""
-    return [b.name for b in exp.backbones] + ([CLASSICAL] if exp.classical else [])
+    """The experiment's members: its backbones, then the classical member when enabled (TF-IDF +
+    logistic regression, or a generate task's retrieval member)."""
+    return [b.name for b in exp.backbones] + ([RETRIEVAL if exp.task.generates else CLASSICAL] if exp.classical else [])
 
 
 # ---------------------------------------------------------------------------- neural members

@@ -141,11 +141,15 @@ def answering_positions(test: Rows | None, k: int) -> list[np.ndarray]:
 
 def row_keys(rows) -> list[str]:
     """A stable key per row from what a model reads of it (its text and target; a generate task's
-    phrasings and context): the same row is always routed the same way."""
+    first phrasing, the one a test item is asked by, and context): the same row, or the same
+    question asked of a finished run, is always routed the same way."""
     if not rows.task.generates:
         return rows.inputs().keys()
-    return [hashlib.sha256(json.dumps([q, c], ensure_ascii=False).encode()).hexdigest()
-            for q, c in zip(rows.questions, rows.contexts)]
+    return [question_key(q[0], c) for q, c in zip(rows.questions, rows.contexts)]
+
+
+def question_key(question: str, context: str | None) -> str:
+    return hashlib.sha256(json.dumps([question.strip(), context or None], ensure_ascii=False).encode()).hexdigest()
 
 
 def assign(keys: list[str], k: int, salt: str) -> np.ndarray:

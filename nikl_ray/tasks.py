@@ -109,7 +109,8 @@ BUILTIN_TASKS: dict[str, TaskSpec] = {
         name="hansol-qa", kind="generate", format="csv", question_fields=["질문_1", "질문_2", "질문"],
         answer_fields=[f"답변_{i}" for i in range(1, 6)], group_field="category", metric="cosine", submission_vectors=True,
     ),
-    "korquad": TaskSpec(name="korquad", kind="generate", format="squad", context_field="context", metric="char_f1"),
+    "korquad": TaskSpec(name="korquad", kind="generate", format="squad", context_field="context", group_field="title",
+                        metric="char_f1"),
 }
 
 

@@ -261,7 +261,7 @@ def training_arguments(spec: BackboneSpec, run: FoldRun, output_dir: str, select
     task's evaluation keeps only the loss (its score comes from generated answers, not logits)."""
     from transformers import TrainingArguments
 
-    if spec.optim.startswith("paged") and not on_cuda:
+    if spec.optim and spec.optim.startswith("paged") and not on_cuda:
         raise ValueError(f"backbone {spec.name}: optim {spec.optim} (bitsandbytes) needs a GPU; use adamw_torch on CPU")
     # transformers renamed gradient_checkpointing (the old name warns in 5.2x; 5.17 knows only it)
     checkpointing = ("activation_checkpointing" if "activation_checkpointing"
@@ -272,10 +272,48 @@ def training_arguments(spec: BackboneSpec, run: FoldRun, output_dir: str, select
         per_device_eval_batch_size=spec.batch_size * 2, gradient_accumulation_steps=spec.grad_accum,
         eval_strategy="epoch" if select else "no", save_strategy="epoch", logging_strategy="epoch",
         load_best_model_at_end=select, metric_for_best_model="score" if select else None, greater_is_better=True,
-        save_total_limit=2, seed=spec.seed, data_seed=spec.seed, report_to="none", disable_tqdm=True, optim=spec.optim,
-        prediction_loss_only=run.task.generates,
+        save_total_limit=2, seed=spec.seed, data_seed=spec.seed, report_to="none", disable_tqdm=True,
+        prediction_loss_only=run.task.generates, **({"optim": spec.optim} if spec.optim else {}),
         dataloader_num_workers=0, use_cpu=not on_cuda, fp16=on_cuda and run.precision == "fp16",
         bf16=on_cuda and run.precision == "bf16", **{checkpointing: run.gradient_checkpointing})
+
+
+@functools.cache
+def trainer_class():
+    """HF Trainer whose resumed and best-epoch weights are the checkpoint's, renamed weights included.
+
+    transformers 5 saves some architectures' weights under their published names (a GPT-NeoX
+    causal LM's `lm_head` as `embed_out`) and renames them in `from_pretrained`, but its Trainer
+    loads a checkpoint's state dict as saved: the renamed weight is reported missing and keeps
+    what the model had (seen: a resumed GPT-NeoX restarted from its base model's head, and the
+    best epoch loaded at the end with the last epoch's head). Where a load left keys missing, the
+    checkpoint is read again through `from_pretrained`."""
+    from transformers import Trainer
+
+    class CheckpointTrainer(Trainer):
+        _missing: tuple = ()
+
+        def _issue_warnings_after_load(self, load_result):
+            self._missing = tuple(load_result.missing_keys)
+            super()._issue_warnings_after_load(load_result)
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+            self._load_renamed(model or self.model, resume_from_checkpoint)
+
+        def _load_best_model(self):
+            super()._load_best_model()
+            self._load_renamed(self.model, self.state.best_model_checkpoint)
+
+        def _load_renamed(self, model, checkpoint) -> None:
+            if not self._missing:
+                return
+            model = self.accelerator.unwrap_model(model)
+            fresh = type(model).from_pretrained(checkpoint, dtype=next(model.parameters()).dtype)
+            model.load_state_dict(fresh.state_dict())
+            self._missing = ()
+
+    return CheckpointTrainer
 
 
 class FitAttempts:
@@ -301,7 +339,7 @@ class FitAttempts:
         return trainer
 
     def trainer(self, spec: BackboneSpec, model, output_dir: str):
-        from transformers import DataCollatorWithPadding, EarlyStoppingCallback, PrinterCallback, Trainer
+        from transformers import DataCollatorWithPadding, EarlyStoppingCallback, PrinterCallback
 
         from nikl_ray.train_callbacks import BestKeptByRay, Progress, RankForRay, ResourceLog
 
@@ -314,7 +352,7 @@ class FitAttempts:
         if select:
             callbacks[:0] = [EarlyStoppingCallback(spec.early_stopping_patience), RankForRay(),
                              BestKeptByRay(run.name, resumed=bool(self.checkpoint))]
-        trainer = Trainer(model=model, args=training_arguments(spec, run, output_dir, select, self.on_cuda),
+        trainer = trainer_class()(model=model, args=training_arguments(spec, run, output_dir, select, self.on_cuda),
                           train_dataset=self.train_ds, eval_dataset=self.select_ds,
                           data_collator=DataCollatorWithPadding(self.tokenizer), processing_class=self.tokenizer,
                           compute_metrics=functools.partial(compute_metrics, task=run.task), callbacks=callbacks,

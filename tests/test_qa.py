@@ -139,6 +139,45 @@ def test_prefix_mode_trains_only_the_prefix_and_its_loss_falls(neox, projection)
             assert torch.equal(p, frozen[n]), n
 
 
+def test_a_resumed_gpt_neox_causal_lm_gets_its_own_head_back(neox, tmp_path):
+    """transformers 5 saves a GPT-NeoX causal LM's `lm_head` as `embed_out` and its Trainer's resume
+    loads the state dict as saved: plain HF Trainer resumes with the head it started from, the fold
+    runs' Trainer (worker.trainer_class) with the checkpoint's, and ends as an uninterrupted run."""
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainerCallback
+    from transformers import TrainingArguments
+
+    from nikl_ray.backbones import quiet_transformers
+    from nikl_ray.worker import trainer_class
+
+    quiet_transformers()
+    tok = AutoTokenizer.from_pretrained(neox)
+    texts = [q[0] + " " + a[0] for q, a in zip(demo_rows(32).questions, demo_rows(32).answers)]
+    ds = datasets.Dataset.from_list([{**tok(t), "labels": tok(t)["input_ids"]} for t in texts])
+
+    class StopAfterOneEpoch(TrainerCallback):
+        def on_epoch_end(self, args, state, control, **kw):
+            control.should_training_stop = True
+
+    def fit(cls, out, resume=False, stop=False):
+        torch.manual_seed(0)
+        args = TrainingArguments(str(tmp_path / out), num_train_epochs=2, per_device_train_batch_size=8, save_strategy="epoch",
+                                 report_to="none", use_cpu=True, seed=1, learning_rate=3e-3, disable_tqdm=True)
+        trainer = cls(model=AutoModelForCausalLM.from_pretrained(neox), args=args, train_dataset=ds,
+                      data_collator=DataCollatorForSeq2Seq(tok), callbacks=[StopAfterOneEpoch()] if stop else [])
+        trainer.train(resume_from_checkpoint=str(next((tmp_path / out).glob("checkpoint-*"))) if resume else None)
+        return trainer.model.state_dict()
+
+    whole = fit(trainer_class(), "whole")
+    gaps = {}
+    for name, cls in (("plain", Trainer), ("ours", trainer_class())):
+        fit(cls, name, stop=True)
+        resumed = fit(cls, name, resume=True)
+        gaps[name] = max(float((resumed[k] - whole[k]).abs().max()) for k in whole)
+    assert gaps["ours"] == 0.0 and gaps["plain"] > 1e-3, gaps
+
+
 def test_generate_tasks_refuse_what_they_cannot_run(tmp_path, tiny_backbones):
     from nikl_ray.config import ConfigError, parse_experiment
 
@@ -181,7 +220,7 @@ def qa_run(tmp_path_factory, ray_local):
                         "early_stopping_patience": 3},
            "backbones": [{"name": "neox-full", "checkpoint": "tiny:gpt_neox", "mode": "full"},
                          {"name": "llama-prefix", "checkpoint": "tiny:llama", "mode": "prefix", "prefix_tokens": 4,
-                          "epochs": 2, "retrieve": {"k": 1}, "lr": 1e-2}],
+                          "epochs": 2, "retrieve": {"k": 1}, "lr": 1e-2, "samples": 1}],
            "ensemble": {"inner_folds": 2}, "retrieval_items": 2}
     run = nr.open_run(raw)
     return run, nr.pipeline(run)
@@ -199,13 +238,15 @@ def test_a_qa_pipeline_answers_every_question_and_submits_the_best_out_of_fold(q
     layout, report = run.layout, read_json(run.layout.report_json)
     assert report["members"] == ["neox-full", "llama-prefix", "retrieval"]
     assert report["questions"] == 72  # every phrasing of every item, each answered out of fold
-    scores = report["crossfit_score"]
+    scores = report["oof_score"]
     assert {"mbr", "mbr-top"} <= set(scores) and report["chosen"]["name"] == max(report["candidates"], key=scores.get)
     assert out["chosen"] == report["chosen"]["name"]
     test_ids = [json.loads(line)["id"] for line in (Path(run.config.test)).read_text().splitlines()]
     for name in report["candidates"]:
         assert list(_submitted(layout.candidate_submission(name, ".jsonl"))) == test_ids
     assert _submitted(layout.submission(".jsonl")) == _submitted(layout.candidate_submission(report["chosen"]["name"], ".jsonl"))
+    sampled = json.loads((layout.features("llama-prefix", 0) / "oof_answers.json").read_text())["answers"][0]
+    assert len(sampled) == 2 and sampled[0][1] is None and sampled[1][1] < 0  # greedy, then a sample's mean log-prob
     table = (layout.train / "summary.md").read_text()
     assert "held-out char_f1" in table and "llama-prefix" in table
     md = layout.report.read_text()
@@ -232,8 +273,8 @@ def test_a_finished_qa_run_answers_a_test_question_as_its_submission_did(qa_run,
         p.generate(["질문"], candidate="nope")
     code, stdout, _ = cli("predict", "--results", str(run.results), "--text", rows[0]["question"], "--json")
     assert code == 0 and json.loads(stdout)["answer"] == submitted[p.candidate][rows[0]["id"]]
-    code, _, stderr = cli("explain", "--results", str(run.results), "--text", "x")
-    assert code != 0
+    with pytest.raises(SystemExit, match="explain is for classify runs"):
+        cli("explain", "--results", str(run.results), "--text", "x")
 
 
 def _read_report(run):
@@ -337,4 +378,5 @@ def test_a_qa_search_scores_its_trials_on_generated_answers_and_status_reads_the
     assert len(board) == 2 and all(r["best selection score"] for r in board), board
     assert set(yaml.safe_load(best.read_text())) == {"prefix_tokens", "lr"}
     status = run_status(run.exp)
-    assert status["stages"]["ensemble"] == "done" and status["stages"]["tune"] == "done", status["stages"]
+    assert status["stages"]["ensemble"] == "done" and status["stages"]["features"] == "done", status["stages"]
+    assert set(status["features"]) == {f"{m}-fold{f}" for m in ("neox-full", "llama-prefix", "retrieval") for f in (0, 1)}

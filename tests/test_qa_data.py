@@ -313,12 +313,17 @@ def test_data_hash_follows_the_files(tmp_path):
     assert read_qa_rows(path, QA).data_hash() != first
 
 
-def test_strata_merge_rare_groups(tmp_path):
+def test_strata_number_groups_and_folds_merge_the_rare_ones(tmp_path):
+    from nikl_ray.folds import item_strata
+
     rows = _rows(tmp_path, ["벽지", "타일", "벽지", "희귀1", "타일", None, "희귀2", "타일"])
-    # kept groups by name: 벽지 0, 타일 1; 희귀1, 희귀2 and the row without a group: 'other' (2)
-    assert rows.strata().tolist() == [0, 1, 0, 2, 1, 2, 2, 1]
-    lone = _rows(tmp_path, ["벽지", "타일", "벽지", "희귀", "타일"])
-    assert lone.strata().tolist() == [0, 1, 0, 0, 1]  # one row alone in 'other' joins the largest group (first by name)
+    # groups by name: 벽지 0, 타일 1, 희귀1 2, 희귀2 3; the row without a group: 4
+    assert rows.strata().tolist() == [0, 1, 0, 2, 1, 4, 3, 1]
+    # for 2 folds: groups of fewer than 2 items merge into one stratum
+    s = item_strata(rows.strata(), 2).argmax(1)
+    assert s[3] == s[5] == s[6] and s[0] == s[2] and s[1] == s[4] == s[7] and len({s[0], s[1], s[3]}) == 3
+    lone = item_strata(_rows(tmp_path, ["벽지", "타일", "벽지", "희귀", "타일"]).strata(), 2).argmax(1)
+    assert lone[3] == lone[0] and len(set(lone)) == 2  # alone even merged: into the largest group
     no_groups = read_qa_rows(write_jsonl(tmp_path / "n.jsonl", [item("a"), item("b")]),
                              TaskSpec(name="n", kind="generate", format="jsonl"))
     assert no_groups.strata().tolist() == [0, 0] and no_groups.strata().dtype.kind == "i"

@@ -26,15 +26,11 @@ import numpy as np
 from nikl_ray import handoff
 from nikl_ray.artifacts import MANIFEST, load_manifest, manifest_problem, read_json, sha256_file, write_json, write_manifest
 from nikl_ray.folds import fold_positions
+from nikl_ray.members import RETRIEVAL, member_names
 from nikl_ray.runspec import FoldRun, answering_positions, final_run, held_out_hash
 
 log = logging.getLogger(__name__)
-RETRIEVAL = "retrieval"
 PARTS = ("oof", "test")
-
-
-def member_names(exp) -> list[str]:
-    return [b.name for b in exp.backbones] + ([RETRIEVAL] if exp.classical else [])
 
 
 # ---------------------------------------------------------------------------- files

@@ -88,21 +88,12 @@ class QARows:
         return self._data_hash
 
     def strata(self) -> np.ndarray:
-        """An int stratum per row for stratified folds: its group, sorted by name; groups of fewer
-        than 2 rows (and rows without a group) share one 'other' stratum, numbered last — unless
-        that leaves a single row there, which joins the largest group instead. All zeros when the
-        task has no group field."""
+        """An int per row for stratified folds: its group's, by name, and one more for rows without
+        a group; all zeros when the task has no group field (folds.item_strata merges rare ones)."""
         if not self.task.group_field:
             return np.zeros(len(self), dtype=np.int64)
-        counts = Counter(g for g in self.groups if g is not None)
-        kept = sorted(g for g, c in counts.items() if c >= 2)
-        code = {g: i for i, g in enumerate(kept)}
-        other = len(kept)
-        strata = np.array([code.get(g, other) if g is not None else other for g in self.groups], dtype=np.int64)
-        if kept and int((strata == other).sum()) == 1:
-            largest = max(kept, key=counts.__getitem__)  # ties: the first by name
-            strata[strata == other] = code[largest]
-        return strata
+        code = {g: i for i, g in enumerate(sorted({g for g in self.groups if g is not None}))}
+        return np.array([code.get(g, len(code)) for g in self.groups], dtype=np.int64)
 
     def queries(self, index: Sequence[int] | np.ndarray | None = None) -> list[Query]:
         """One Query per phrasing of the given rows (all by default), in row order;

@@ -25,13 +25,15 @@ from pathlib import Path
 import numpy as np
 
 from nikl_ray.artifacts import manifest_problem, sha256_file, write_json, write_manifest, write_text
-from nikl_ray.qa.answers import RETRIEVAL, member_names, read_answers
+from nikl_ray.members import RETRIEVAL, member_names
+from nikl_ray.qa.answers import read_answers
 from nikl_ray.runspec import assign
 from nikl_ray.tables import markdown
 
 log = logging.getLogger(__name__)
 MBR, MBR_TOP = "mbr", "mbr-top"
 EXAMPLES = 5
+MAX_GROUPS = 12  # the report's per-group columns: the most frequent groups
 
 
 class Judge:
@@ -51,14 +53,6 @@ class Judge:
         from nikl_ray.qa.metrics import score_answers
 
         return score_answers(self.metric, predictions, references, self.embedder)
-
-    def pick(self, pool: list[str]) -> int:
-        from nikl_ray.qa.metrics import mbr_pick, utility_matrix
-
-        if len(pool) == 1:
-            return 0
-        vectors = self.embedder.encode(pool) if self.embedder is not None else None
-        return mbr_pick(utility_matrix(self.metric, pool, self.embedder, vectors))
 
 
 class _Cached:
@@ -97,7 +91,10 @@ def pools(answers: dict, members: list[str], part: str, n: int) -> list[list[tup
 
 def mbr_answers(judge: Judge, pool: list[list[tuple[str, str]]]) -> list[tuple[str, str]]:
     """Per question, the (member, answer) MBR picks from its pool."""
-    return [p[judge.pick([a for _, a in p])] for p in pool]
+    from nikl_ray.qa.metrics import mbr_choose
+
+    picks = mbr_choose(judge.metric, [[a for _, a in p] for p in pool], embedder=judge.embedder)
+    return [p[i] for p, i in zip(pool, picks)]
 
 
 class TopMembers:
@@ -137,9 +134,7 @@ class TopMembers:
 def run(exp, data) -> Path:
     """Compare every candidate out-of-fold, write report, submissions and the run's record. Returns the report."""
     from nikl_ray.members import degenerate_members
-    from nikl_ray.qa.data import write_answers, write_vectors
-    from nikl_ray.qa.data import queries
-    from nikl_ray.qa.data import test_queries
+    from nikl_ray.qa.data import queries, test_queries, write_answers, write_vectors
 
     layout, folds, rows, test, task = exp.layout, data.folds(exp), data.rows, data.test, exp.task
     k, cfg = folds["k"], exp.ensemble
@@ -198,7 +193,9 @@ def run(exp, data) -> Path:
             files.append(write_answers(test, test_answers[chosen], layout.submission(suffix)))
         log.info("ensemble: submission (%s) written to %s", chosen, layout.submission(suffix))
 
-    by_group = sorted({g for g in groups if g is not None})
+    from collections import Counter
+
+    by_group = sorted(g for g, _ in Counter(g for g in groups if g is not None).most_common(MAX_GROUPS))
     table = [{"candidate": n, f"out-of-fold {task.metric}": score[n],
               **{g: float(per_question[n][[i for i, x in enumerate(groups) if x == g]].mean()) for g in by_group},
               "role": "submitted" if n == chosen else "candidate" if n in candidates else "left out (degenerate)"}
@@ -207,7 +204,7 @@ def run(exp, data) -> Path:
                  **{n: oof[n][i][1] for n in oof}} for i in range(min(EXAMPLES, len(oof_q)))]
     report = {
         "metric": task.metric, "rows": len(rows), "questions": len(oof_q), "members": members, "active_members": active,
-        "degenerate": dead, "candidates": candidates, "crossfit_score": score, "table": table, "examples": examples,
+        "degenerate": dead, "candidates": candidates, "oof_score": score, "table": table, "examples": examples,
         "combinations": combos, "mbr_top_per_inner_fold": per_fold if MBR_TOP in oof else None,
         "chosen": {"name": chosen, "rule": "mbr" if chosen in combos else "member", "params": {"members": combos.get(chosen, [chosen])},
                    "score": score[chosen], "runner_up": runner_up, "runner_up_score": score.get(runner_up),
@@ -253,7 +250,9 @@ def report_markdown(report: dict) -> str:
              f"(every phrasing); members: {', '.join(report['members'])}.\n",
              f"Every score is out-of-fold {metric}: each question answered by the fold models that never saw its item. "
              "`mbr` picks, per question, the candidate with the highest mean utility against the others; `mbr-top` "
-             "does so over the m best members, m and the ranking chosen on the other inner folds (cross-fitted).\n",
+             "does so over the m best members, m and the ranking chosen on the other inner folds (cross-fitted). "
+             "The submitted candidate is the best of these on the same questions: its margin over the next is "
+             "optimistic by the choice.\n",
              markdown(report["table"]),
              f"**Submitted: {c['name']}**: out-of-fold {metric} {c['score']:.4f}"
              + (f", {c['score'] - c['runner_up_score']:+.4f} over the next candidate ({c['runner_up']})" if c["runner_up"] else "")

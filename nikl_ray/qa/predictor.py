@@ -20,9 +20,9 @@ from nikl_ray.artifacts import load_manifest, read_json
 from nikl_ray.folds import fold_positions
 from nikl_ray.layout import Layout
 from nikl_ray.predictor import BadRequest, _spec
-from nikl_ray.qa.answers import RETRIEVAL
+from nikl_ray.members import RETRIEVAL
 from nikl_ray.qa.data import Query
-from nikl_ray.runspec import assign
+from nikl_ray.runspec import assign, question_key
 from nikl_ray.tasks import TaskSpec
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class QAPredictor:
                  candidate: str | None = None) -> list[dict]:
         """Per question: the answer of `candidate` (default: the submitted one), the member it came
         from, and every member's candidates."""
-        from nikl_ray.qa.ensemble import Judge
+        from nikl_ray.qa.ensemble import Judge, mbr_answers
 
         candidate = candidate or self.candidate
         if candidate not in self.record["rules"]:
@@ -100,20 +100,15 @@ class QAPredictor:
         if self.task.context_field is None and any(contexts):
             raise BadRequest(f"task {self.task.name} has no context")
         rule = self.record["rules"][candidate]
-        rows = SimpleNamespace(task=self.task, questions=[[q] for q in questions], contexts=list(contexts))
-        from nikl_ray.runspec import row_keys
-
-        folds = assign(row_keys(rows), self.k, "fold")
+        questions, contexts = [q.strip() for q in questions], [c or None for c in contexts]
+        folds = assign([question_key(q, c) for q, c in zip(questions, contexts)], self.k, "fold")
         qs = [Query(f"request#{i}", -1, q, c) for i, (q, c) in enumerate(zip(questions, contexts))]
         got = {m: self._answers(m, qs, folds) for m in rule["members"]}
-        out = []
-        for i in range(len(qs)):
-            pool = [(m, a[0]) for m in rule["members"] for a in got[m][i]]
-            if rule["rule"] == "mbr":
-                self._judge = self._judge or Judge(self.task)
-                member, answer = pool[self._judge.pick([a for _, a in pool])]
-            else:
-                member, answer = pool[0]
-            out.append({"answer": answer, "member": member, "candidate": candidate, "rule": rule["rule"],
-                        "candidates": [{"member": m, "answer": a} for m, a in pool]})
-        return out
+        pools = [[(m, a[0]) for m in rule["members"] for a in got[m][i]] for i in range(len(qs))]
+        if rule["rule"] == "mbr":
+            self._judge = self._judge or Judge(self.task)
+            picked = mbr_answers(self._judge, pools)
+        else:
+            picked = [p[0] for p in pools]
+        return [{"answer": answer, "member": member, "candidate": candidate, "rule": rule["rule"],
+                 "candidates": [{"member": m, "answer": a} for m, a in pool]} for (member, answer), pool in zip(picked, pools)]

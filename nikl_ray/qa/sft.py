@@ -65,6 +65,8 @@ class Retriever:
 
     def nearest(self, texts: list[str], k: int, exclude: list[int | None] | None = None) -> list[list[int]]:
         """Per text, the positions of its k nearest items (best first), never its `exclude` item."""
+        if not texts:
+            return []
         sims = (self._vec.transform(texts) @ self._x.T).toarray()
         out = []
         for row, sim in enumerate(sims):
@@ -126,10 +128,15 @@ def pairs_dataset(tokenizer, prompter: Prompter, data: QAPayload, index: np.ndar
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, *, batch_size: int = 16, samples: int = 0,
              temperature: float = 0.8, seed: int = 0, max_length: int | None = None) -> list[list[tuple[str, float | None]]]:
     """Per prompt, its greedy answer and then `samples` sampled ones, each with its mean token
-    log-probability (None for greedy). Batches of similar length, left-padded."""
+    log-probability (None for greedy). Greedy answers in batches of similar length, left-padded and
+    cut from the left as training prompts are (the question, last, is kept); samples one prompt at a
+    time, seeded by the prompt's text, so a question gets the same samples whatever it is batched with."""
+    import hashlib
+
     import torch
 
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    cut, tokenizer.truncation_side = tokenizer.truncation_side, "left"
     out: list = [None] * len(prompts)
     order = np.argsort([len(p) for p in prompts], kind="stable")
     was_training = model.training
@@ -144,19 +151,20 @@ def generate(model, tokenizer, prompts: list[str], max_new_tokens: int, *, batch
             with torch.no_grad():
                 greedy = model.generate(**enc, do_sample=False, **common)
                 answers = [[(text, None)] for text in _decode(tokenizer, greedy, enc["input_ids"].shape[1])]
-                if samples:
-                    torch.manual_seed(seed + start)
-                    sampled = model.generate(**enc, do_sample=True, temperature=temperature, top_p=1.0, top_k=0,
+                for j, i in enumerate(idx[:len(idx) if samples else 0]):
+                    one = tokenizer([prompts[i]], return_tensors="pt", truncation=max_length is not None,
+                                    max_length=max_length).to(enc["input_ids"].device)
+                    torch.manual_seed(seed + int(hashlib.sha256(prompts[i].encode()).hexdigest()[:8], 16))
+                    sampled = model.generate(**one, do_sample=True, temperature=temperature, top_p=1.0, top_k=0,
                                              num_return_sequences=samples, output_scores=True,
                                              return_dict_in_generate=True, **common)
-                    texts = _decode(tokenizer, sampled.sequences, enc["input_ids"].shape[1])
-                    logp = mean_logprobs(model, sampled, tokenizer.pad_token_id, enc["input_ids"].shape[1])
-                    for j in range(len(idx)):
-                        answers[j] += [(texts[j * samples + s], logp[j * samples + s]) for s in range(samples)]
+                    texts = _decode(tokenizer, sampled.sequences, one["input_ids"].shape[1])
+                    logp = mean_logprobs(model, sampled, tokenizer.eos_token_id, one["input_ids"].shape[1])
+                    answers[j] += list(zip(texts, logp))
             for j, i in enumerate(idx):
                 out[i] = answers[j]
     finally:
-        tokenizer.padding_side = side
+        tokenizer.padding_side, tokenizer.truncation_side = side, cut
         model.train(was_training)
     return out
 
@@ -165,9 +173,10 @@ def _decode(tokenizer, sequences, prompt_len: int) -> list[str]:
     return [t.strip() for t in tokenizer.batch_decode(sequences[:, prompt_len:], skip_special_tokens=True)]
 
 
-def mean_logprobs(model, generated, pad_id: int, prompt_len: int) -> list[float]:
-    """Mean log-probability of each sampled answer's tokens (up to and including its eos)."""
+def mean_logprobs(model, generated, eos_id: int, prompt_len: int) -> list[float]:
+    """Mean log-probability of each sampled answer's tokens, up to and including its first eos (what
+    follows is padding, which may be the eos token itself)."""
     scores = model.compute_transition_scores(generated.sequences, generated.scores, normalize_logits=True)
-    new = generated.sequences[:, prompt_len:]
-    real = (new != pad_id).float()
+    ended = (generated.sequences[:, prompt_len:] == eos_id).int()
+    real = ((ended.cumsum(1) - ended) == 0).float()  # before the first eos, and the eos
     return ((scores * real).sum(1) / real.sum(1).clamp(min=1)).tolist()

@@ -173,10 +173,11 @@ class QAFitAttempts(FitAttempts):
 
 @functools.cache
 def qa_trainer_class():
-    """HF Trainer whose evaluation adds `eval_score`: the judge's score of generated answers, or −loss."""
-    from transformers import Trainer
+    """The fold runs' Trainer (worker.trainer_class) whose evaluation adds `eval_score`: the judge's
+    score of generated answers, or −loss."""
+    from nikl_ray.worker import trainer_class
 
-    class QATrainer(Trainer):
+    class QATrainer(trainer_class()):
         judge = None
 
         def evaluation_loop(self, *args, **kwargs):
