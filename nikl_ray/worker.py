@@ -278,6 +278,9 @@ def training_arguments(spec: BackboneSpec, run: FoldRun, output_dir: str, select
         bf16=on_cuda and run.precision == "bf16", **{checkpointing: run.gradient_checkpointing})
 
 
+ENCODER = "prompt_encoder.safetensors"  # beside a reparametrised prefix's adapter: its MLP, for training on
+
+
 @functools.cache
 def trainer_class():
     """HF Trainer whose resumed and best-epoch weights are the checkpoint's, renamed weights included.
@@ -287,8 +290,15 @@ def trainer_class():
     loads a checkpoint's state dict as saved: the renamed weight is reported missing and keeps
     what the model had (seen: a resumed GPT-NeoX restarted from its base model's head, and the
     best epoch loaded at the end with the last epoch's head). Where a load left keys missing, the
-    checkpoint is read again through `from_pretrained`."""
+    checkpoint is read again through `from_pretrained`.
+
+    And a reparametrised prefix (prefix mode with `prefix_projection`): peft saves only the prefix
+    its MLP produces, which a trained model cannot load (HF refuses the best epoch: "setting
+    load_best_model_at_end=True can lead to errors") and from which training cannot go on. Each
+    checkpoint also keeps the MLP's own weights (ENCODER); resuming and the best epoch load those.
+    The adapter peft saves stays what inference loads."""
     from transformers import Trainer
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
     class CheckpointTrainer(Trainer):
         _missing: tuple = ()
@@ -297,13 +307,41 @@ def trainer_class():
             self._missing = tuple(load_result.missing_keys)
             super()._issue_warnings_after_load(load_result)
 
+        def _save_checkpoint(self, model, trial):
+            super()._save_checkpoint(model, trial)  # before the on_save callbacks: Ray copies the folder then
+            encoder = self._prompt_encoder(self.model)
+            if encoder is not None:
+                from safetensors.torch import save_file
+
+                folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
+                save_file({k: v.detach().contiguous() for k, v in encoder.state_dict().items()}, os.path.join(folder, ENCODER))
+
         def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            if self._load_prompt_encoder(model or self.model, resume_from_checkpoint):
+                return
             super()._load_from_checkpoint(resume_from_checkpoint, model)
             self._load_renamed(model or self.model, resume_from_checkpoint)
 
         def _load_best_model(self):
+            if self._load_prompt_encoder(self.model, self.state.best_model_checkpoint):
+                return
             super()._load_best_model()
             self._load_renamed(self.model, self.state.best_model_checkpoint)
+
+        def _prompt_encoder(self, model):
+            """A reparametrised prefix's encoder (what peft does not save), or None."""
+            model = self.accelerator.unwrap_model(model)
+            config = getattr(model, "peft_config", {}).get(getattr(model, "active_adapter", None))
+            return model.prompt_encoder[model.active_adapter] if getattr(config, "prefix_projection", False) else None
+
+        def _load_prompt_encoder(self, model, checkpoint) -> bool:
+            encoder = self._prompt_encoder(model)
+            if encoder is None:
+                return False
+            from safetensors.torch import load_file
+
+            encoder.load_state_dict(load_file(os.path.join(checkpoint, ENCODER)))
+            return True
 
         def _load_renamed(self, model, checkpoint) -> None:
             if not self._missing:

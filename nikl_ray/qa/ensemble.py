@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -161,7 +162,7 @@ def run(exp, data) -> Path:
                                                       for q in part for a in q])
     log.info("ensemble: %d out-of-fold questions, %d test questions, members %s", len(oof_q), len(test_q), members)
 
-    oof = {m: [("", a[0][0]) for a in answers[m]["oof"]] for m in members}  # each member alone: its greedy answer
+    oof = {m: [(m, a[0][0]) for a in answers[m]["oof"]] for m in members}  # each member alone: its greedy answer
     combos = {}
     if sum(len(answers[m]["oof"][0]) for m in active) > 1:
         oof[MBR] = mbr_answers(judge, pools(answers, active, "oof", len(oof_q)))
@@ -182,7 +183,7 @@ def run(exp, data) -> Path:
     if test is not None:
         for n in candidates:
             picked = (mbr_answers(judge, pools(answers, combos[n], "test", len(test_q))) if n in combos
-                      else [("", a[0][0]) for a in answers[n]["test"]])
+                      else [(n, a[0][0]) for a in answers[n]["test"]])
             test_answers[n] = [a for _, a in picked]
             files.append(write_answers(test, test_answers[n], layout.candidate_submission(n, suffix)))
         files.append(write_answers(test, test_answers[chosen], layout.answers_submission(suffix)))
@@ -192,8 +193,6 @@ def run(exp, data) -> Path:
         else:
             files.append(write_answers(test, test_answers[chosen], layout.submission(suffix)))
         log.info("ensemble: submission (%s) written to %s", chosen, layout.submission(suffix))
-
-    from collections import Counter
 
     by_group = sorted(g for g, _ in Counter(g for g in groups if g is not None).most_common(MAX_GROUPS))
     table = [{"candidate": n, f"out-of-fold {task.metric}": score[n],
@@ -211,7 +210,10 @@ def run(exp, data) -> Path:
                    "best_member": member_best, "best_member_score": score[member_best],
                    "retrieval_score": score.get(RETRIEVAL)},
     }
-    files += [write_json(layout.report_json, report), write_text(layout.report, report_markdown(report))]
+    from nikl_ray.stages.ensemble import bar_plot
+
+    files += [write_json(layout.report_json, report), write_text(layout.report, report_markdown(report)),
+              bar_plot(score, chosen, candidates, combos, f"Out-of-fold {task.metric}; green: submitted", layout.report_plot)]
     files += write_record(exp, rows, chosen, combos, candidates, table, k, cfg.inner_folds)
     write_manifest(layout.ensemble, inputs=inputs, files=files, code=__name__)
     log.info("ensemble: submitted %s, out-of-fold %s %.4f (best member %s %.4f%s)", chosen, task.metric, score[chosen],

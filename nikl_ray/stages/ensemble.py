@@ -208,23 +208,27 @@ def report_markdown(report: dict) -> str:
 
 
 def plot_report(report: dict, path: Path) -> Path:
+    names = list(report["table"])
+    return bar_plot({n: report["crossfit_score"][n] for n in names}, report["chosen"]["name"], report["candidates"],
+                    SIMPLE.keys() | STACKS.keys(), f"Out-of-fold {report['metric']} (cross-fitted rule); green: submitted", path)
+
+
+def bar_plot(scores: dict[str, float], chosen: str, candidates: list[str], combined, title: str, path: Path) -> Path:
+    """Every row's score as a bar: green the submitted one, orange combinations, blue members, grey the left out."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(report["table"])
-    vals = [report["crossfit_score"][n] for n in names]
-    chosen = report["chosen"]["name"]
-    colors = ["tab:green" if n == chosen else "tab:gray" if n not in report["candidates"] else
-              "tab:orange" if n in SIMPLE or n in STACKS else "tab:blue" for n in names]
+    names, vals = list(scores), list(scores.values())
+    colors = ["tab:green" if n == chosen else "tab:gray" if n not in candidates else
+              "tab:orange" if n in combined else "tab:blue" for n in names]
     fig, ax = plt.subplots(figsize=(8, 0.35 * len(names) + 1.5))
     ax.barh(names, vals, color=colors)
     for i, v in enumerate(vals):
         ax.text(v, i, f" {v:.3f}", va="center")
     ax.invert_yaxis()
-    ax.set(title=f"Out-of-fold {report['metric']} (cross-fitted rule); green: submitted",
-           xlim=(0, min(1.0, max(vals) * 1.2)))
+    ax.set(title=title, xlim=(0, min(1.0, max(vals) * 1.2)))
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
