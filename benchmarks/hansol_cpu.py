@@ -17,8 +17,10 @@ of sentence embeddings (multilingual USE v3 here, offline), max(cos, 0) averaged
 five references.
 
 Writes `benchmark.json` / `benchmark.md` beside the results: every candidate's out-of-fold
-cosine (per category too, in the report), which was submitted, time per stage, and every
-candidate's own test answers (so each can be scored on the held-out answers elsewhere).
+cosine (per category too, in the report), which was submitted, time per stage, every
+candidate's own test answers (so each can be scored on the held-out answers elsewhere), and
+what retrieval alone gives out of fold with MBR over the references of 1–8 nearest items
+(after the run: it is not counted in the stage times).
 All numbers come from this one run.
 """
 
@@ -69,6 +71,32 @@ def experiment(args, data: Path, pretrained: dict[str, Path]) -> dict:
     }
 
 
+def retrieval_ablation(run, items=(1, 2, 3, 5, 8)) -> dict[str, float]:
+    """Out of fold, on the run's folds: the nearest training item's first reference (the retrieval
+    member), and MBR over every reference of the n nearest items, for each n (what
+    `retrieval_items` sets)."""
+    import numpy as np
+
+    from nikl_ray.folds import fold_positions
+    from nikl_ray.qa.data import queries
+    from nikl_ray.qa.metrics import get_embedder, mbr_choose, score_answers
+    from nikl_ray.qa.sft import Retriever
+
+    rows, folds, embedder = run.inputs.rows, run.folds, get_embedder("use")
+    got: dict[str, list] = {"nearest item's first answer": []} | {f"MBR over the {n} nearest items": [] for n in items}
+    for fold in range(folds["k"]):
+        train, select, held = fold_positions(rows, folds, fold)
+        qs = queries(rows.ids, rows.questions, rows.contexts, held)
+        near = Retriever(rows.questions, np.concatenate([train, select])).nearest([q.question for q in qs], max(items))
+        refs = [rows.answers[q.item] for q in qs]
+        got["nearest item's first answer"] += list(score_answers("cosine", [rows.answers[n[0]][0] for n in near], refs, embedder))
+        for n in items:
+            pools = [[a for i in near_[:n] for a in rows.answers[i]] for near_ in near]
+            picks = mbr_choose("cosine", pools, embedder=embedder)
+            got[f"MBR over the {n} nearest items"] += list(score_answers("cosine", [p[i] for p, i in zip(pools, picks)], refs, embedder))
+    return {k: float(np.mean(v)) for k, v in got.items()}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "hansol_qa"))
@@ -102,14 +130,17 @@ def main(argv=None) -> int:
     bench = {"data": str(data), "folds": args.folds, "epochs": args.epochs, "pretrain_minutes": args.pretrain_minutes,
              "wall_minutes": (time.time() - t0) / 60, "stage_seconds": seconds, "submitted": chosen["name"],
              "submitted_oof_cosine": chosen["score"], "retrieval_oof_cosine": chosen["retrieval_score"],
-             "candidates": candidates, "train_table": str(out["train_summary"]), "report": str(out["report"])}
+             "candidates": candidates, "train_table": str(out["train_summary"]), "report": str(out["report"]),
+             "retrieval_ablation": retrieval_ablation(run)}
     write_json(layout.root / "benchmark.json", bench)
     rows = [{"candidate": n, "out-of-fold cosine": c["oof_cosine"],
              "role": "submitted" if n == chosen["name"] else "candidate" if c["candidate"] else "left out"}
             for n, c in sorted(candidates.items(), key=lambda kv: -kv[1]["oof_cosine"])]
     text = (f"# Hansol QA on CPU\n\n{args.folds} folds, {args.epochs} epochs at most, {args.pretrain_minutes:g} min of "
             f"pretraining per decoder; {bench['wall_minutes']:.1f} min wall.\n\n{markdown(rows)}\n\n"
-            + "stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + "\n")
+            + "stage seconds: " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()) + "\n\n"
+            + "Retrieval alone, out of fold (the run's folds):\n\n"
+            + markdown([{"answer": k, "out-of-fold cosine": v} for k, v in bench["retrieval_ablation"].items()]) + "\n")
     write_text(layout.root / "benchmark.md", text)
     print(text)
     return 0
