@@ -210,7 +210,7 @@ def report_markdown(report: dict) -> str:
 def plot_report(report: dict, path: Path) -> Path:
     names = list(report["table"])
     return bar_plot({n: report["crossfit_score"][n] for n in names}, report["chosen"]["name"], report["candidates"],
-                    SIMPLE.keys() | STACKS.keys(), f"Out-of-fold {report['metric']} (cross-fitted rule); green: submitted", path)
+                    set(SIMPLE) | set(STACKS), f"Out-of-fold {report['metric']} (cross-fitted rule); green: submitted", path)
 
 
 def bar_plot(scores: dict[str, float], chosen: str, candidates: list[str], combined, title: str, path: Path) -> Path:
