@@ -7,9 +7,10 @@
       tune/<backbone>/  the Tune search, optuna.db, leaderboard, best_config.yaml, manifest
       train/<backbone>-fold<k>/   one Ray Train run: checkpoints, manifest (Ray's run name), features/ it made
       train/summary.{csv,md}
-      features/<member>/fold<k>/  out-of-fold and test features of one fold model, manifest
+      features/<member>/fold<k>/  out-of-fold and test features of one fold model (a generate task's: its
+                        answers, oof_answers.json / test_answers.json), manifest
       ensemble/         heads, report, decision.json, run.json (the run as trained: what Predictor.load reads),
-                        submission, submissions/<candidate>.*
+                        submission, submissions/<candidate>.*; a generate task's answers.* and qa_items.json
       selection/        rows `nikl-ray select` picked for labelling
 """
 
