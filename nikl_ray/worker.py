@@ -377,7 +377,8 @@ class FitAttempts:
         return trainer
 
     def trainer(self, spec: BackboneSpec, model, output_dir: str):
-        from transformers import DataCollatorWithPadding, EarlyStoppingCallback, PrinterCallback
+        """One attempt's HF Trainer: the run's callbacks, and the trainer `build` makes for the task."""
+        from transformers import EarlyStoppingCallback, PrinterCallback
 
         from nikl_ray.train_callbacks import BestKeptByRay, Progress, RankForRay, ResourceLog
 
@@ -390,13 +391,18 @@ class FitAttempts:
         if select:
             callbacks[:0] = [EarlyStoppingCallback(spec.early_stopping_patience), RankForRay(),
                              BestKeptByRay(run.name, resumed=bool(self.checkpoint))]
-        trainer = trainer_class()(model=model, args=training_arguments(spec, run, output_dir, select, self.on_cuda),
-                          train_dataset=self.train_ds, eval_dataset=self.select_ds,
-                          data_collator=DataCollatorWithPadding(self.tokenizer), processing_class=self.tokenizer,
-                          compute_metrics=functools.partial(compute_metrics, task=run.task), callbacks=callbacks,
-                          compute_loss_func=loss_function(spec.loss, run.task.multi_label))
+        trainer = self.build(spec, model, training_arguments(spec, run, output_dir, select, self.on_cuda), callbacks)
         trainer.remove_callback(PrinterCallback)  # its raw dict per log line; Progress says it once
         return trainer
+
+    def build(self, spec: BackboneSpec, model, args, callbacks: list):
+        """A classification Trainer: padded rows, the selection slice's scores, the run's loss."""
+        from transformers import DataCollatorWithPadding
+
+        return trainer_class()(model=model, args=args, train_dataset=self.train_ds, eval_dataset=self.select_ds,
+                               data_collator=DataCollatorWithPadding(self.tokenizer), processing_class=self.tokenizer,
+                               compute_metrics=functools.partial(compute_metrics, task=self.run.task), callbacks=callbacks,
+                               compute_loss_func=loss_function(spec.loss, self.run.task.multi_label))
 
 
 def heldout_report(probs: np.ndarray, data, run: FoldRun) -> dict:

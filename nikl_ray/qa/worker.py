@@ -147,27 +147,16 @@ class QAFitAttempts(FitAttempts):
         super().__init__(*args)
         self.judge = judge
 
-    def trainer(self, spec, model, output_dir: str):
-        from transformers import DataCollatorForSeq2Seq, EarlyStoppingCallback, PrinterCallback
+    def build(self, spec, model, args, callbacks: list):
+        from transformers import DataCollatorForSeq2Seq
 
-        from nikl_ray.train_callbacks import BestKeptByRay, Progress, RankForRay, ResourceLog
-        from nikl_ray.worker import training_arguments
+        from nikl_ray.qa.sft import IGNORE
 
-        run, select = self.run, self.select_ds is not None
-        callbacks = [ResourceLog(self.started, self.on_cuda), Progress(run.name, select)]
-        if self.ray_train:
-            from ray.train.huggingface.transformers import RayTrainReportCallback
-
-            callbacks.append(RayTrainReportCallback())
-        if select:
-            callbacks[:0] = [EarlyStoppingCallback(spec.early_stopping_patience), RankForRay(),
-                             BestKeptByRay(run.name, resumed=bool(self.checkpoint))]
         trainer = qa_trainer_class()(
-            model=model, args=training_arguments(spec, run, output_dir, select, self.on_cuda), train_dataset=self.train_ds,
-            eval_dataset=self.select_ds, data_collator=DataCollatorForSeq2Seq(self.tokenizer, label_pad_token_id=-100),
-            processing_class=self.tokenizer, callbacks=callbacks)
+            model=model, args=args, train_dataset=self.train_ds, eval_dataset=self.select_ds,
+            data_collator=DataCollatorForSeq2Seq(self.tokenizer, label_pad_token_id=IGNORE), processing_class=self.tokenizer,
+            callbacks=callbacks)
         trainer.judge = self.judge
-        trainer.remove_callback(PrinterCallback)
         return trainer
 
 
