@@ -45,16 +45,34 @@ class Prediction:
     rule: str
 
 
-class Predictor:
+class FinishedRun:
+    """What a finished run of either task kind is read as: its record's task, backbones, submitted
+    candidate and its rule, folds, leaderboard; fold models loaded once each."""
+
     def __init__(self, layout: Layout, record: dict):
         self.layout, self.record = layout, record
         self.task = TaskSpec(**record["task"])
         self.backbones = {d["name"]: _spec(d, layout) for d in record["backbones"]}
         self.decision = record["decision"]
-        self.candidate, self.rule = self.decision["candidate"], self.decision["rule"]
-        self.params = self.decision["params"]
-        self.k, self.inner_folds = self.decision["k"], self.decision["inner_folds"]
+        self.candidate = self.decision["candidate"]
+        self.rule = record["rules"][self.candidate]["rule"]
+        self.k = self.decision["k"]
         self._models: dict[tuple[str, int], object] = {}
+
+    def leaderboard(self) -> list[dict]:
+        """Every candidate's out-of-fold scores and its role: the report's table."""
+        board = self.record["leaderboard"]
+        return [dict(zip(board["columns"], row)) for row in board["rows"]]
+
+    @property
+    def candidates(self) -> list[str]:
+        return list(self.record["rules"])
+
+
+class Predictor(FinishedRun):
+    def __init__(self, layout: Layout, record: dict):
+        super().__init__(layout, record)
+        self.params, self.inner_folds = self.decision["params"], self.decision["inner_folds"]
         self._heads: dict[str, Heads] = {}
 
     @classmethod
@@ -71,15 +89,6 @@ class Predictor:
 
             return QAPredictor(layout, record)
         return cls(layout, record)
-
-    def leaderboard(self) -> list[dict]:
-        """Every candidate's cross-fitted score per rule and its role: the report's table."""
-        board = self.record["leaderboard"]
-        return [dict(zip(board["columns"], row)) for row in board["rows"]]
-
-    @property
-    def candidates(self) -> list[str]:
-        return list(self.record["rules"])
 
     def repeated_words(self) -> set[str]:
         """The words the training text has more than once (select's rarity)."""

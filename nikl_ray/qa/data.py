@@ -35,12 +35,11 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from nikl_ray.artifacts import atomic_path, sha256_file
-from nikl_ray.data import DataError, Problem
+from nikl_ray.data import _MISSING, DataError, Problem
 from nikl_ray.tasks import GENERATE_FORMATS, TaskSpec
 
 __all__ = ["QARows", "Query", "queries", "test_queries", "read_qa_rows", "write_answers", "write_vectors"]
 
-_MISSING = object()
 
 
 @dataclass(frozen=True)

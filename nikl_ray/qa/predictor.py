@@ -19,37 +19,22 @@ import numpy as np
 from nikl_ray.artifacts import load_manifest, read_json
 from nikl_ray.folds import fold_positions
 from nikl_ray.layout import Layout
-from nikl_ray.predictor import BadRequest, _spec
+from nikl_ray.predictor import BadRequest, FinishedRun
 from nikl_ray.members import RETRIEVAL
 from nikl_ray.qa.data import Query
 from nikl_ray.runspec import assign, question_key
-from nikl_ray.tasks import TaskSpec
 
 log = logging.getLogger(__name__)
 
 
-class QAPredictor:
+class QAPredictor(FinishedRun):
     def __init__(self, layout: Layout, record: dict):
-        self.layout, self.record = layout, record
-        self.task = TaskSpec(**record["task"])
-        self.backbones = {d["name"]: _spec(d, layout) for d in record["backbones"]}
-        self.decision = record["decision"]
-        self.candidate, self.rule = self.decision["candidate"], record["rules"][self.decision["candidate"]]["rule"]
-        self.k = self.decision["k"]
+        super().__init__(layout, record)
         items = read_json(layout.qa_items)
         self.items = SimpleNamespace(ids=items["ids"], questions=items["questions"], contexts=items["contexts"],
                                      answers=items["answers"])
         self.folds = read_json(layout.folds)
-        self._models: dict = {}
         self._judge = None
-
-    def leaderboard(self) -> list[dict]:
-        board = self.record["leaderboard"]
-        return [dict(zip(board["columns"], row)) for row in board["rows"]]
-
-    @property
-    def candidates(self) -> list[str]:
-        return list(self.record["rules"])
 
     def _fold(self, member: str, fold: int):
         """(tokenizer, model, prompter) of a fold model, or the retrieval member's index on that fold."""
