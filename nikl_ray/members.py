@@ -193,6 +193,18 @@ def degenerate_members(layout, backbones: list[str], k: int) -> dict[str, list[s
     return out
 
 
+def active_members(exp, k: int) -> tuple[list[str], dict[str, list[str]]]:
+    """(the members an ensemble combines, {degenerate member: why}); says so for each left out, and
+    refuses a run whose every member is degenerate."""
+    dead = degenerate_members(exp.layout, [b.name for b in exp.backbones], k)
+    for m, reasons in dead.items():
+        log.warning("ensemble: %s is left out of every ensemble: degenerate fold model(s): %s", m, "; ".join(reasons))
+    active = [m for m in member_names(exp) if m not in dead]
+    if not active:
+        raise RuntimeError(f"every member is degenerate: {dead}")
+    return active, dead
+
+
 @dataclass(frozen=True)
 class MemberFeatures:
     """One member's features, aligned to the rows asked for: out-of-fold (each row from the fold

@@ -99,12 +99,13 @@ def mbr_answers(judge: Judge, pool: list[list[tuple[str, str]]]) -> list[tuple[s
 
 
 class TopMembers:
-    """mbr-top: MBR over the m best members, the ranking (each member alone) and m chosen on some
-    out-of-fold questions; each member set's MBR answers computed once."""
+    """MBR over sets of members, each set's answers and scores computed once; mbr-top: over the m
+    best members, the ranking (each member alone) and m chosen on some out-of-fold questions."""
 
-    def __init__(self, judge: Judge, answers: dict, active: list[str], refs: list[list[str]]):
-        self.judge, self.answers, self.active, self.refs = judge, answers, active, refs
-        self.alone = {m: judge.scores([a[0][0] for a in answers[m]["oof"]], refs) for m in active}
+    def __init__(self, judge: Judge, answers: dict, alone: dict[str, np.ndarray], refs: list[list[str]]):
+        """`alone`: each active member's per-question out-of-fold scores."""
+        self.judge, self.answers, self.alone, self.refs = judge, answers, alone, refs
+        self.active = list(alone)
         self._mbr: dict = {}
 
     def mbr(self, members: list[str]) -> tuple[list[tuple[str, str]], np.ndarray]:
@@ -134,7 +135,7 @@ class TopMembers:
 
 def run(exp, data) -> Path:
     """Compare every candidate out-of-fold, write report, submissions and the run's record. Returns the report."""
-    from nikl_ray.members import degenerate_members
+    from nikl_ray.members import active_members
     from nikl_ray.qa.data import queries, test_queries, write_answers, write_vectors
 
     layout, folds, rows, test, task = exp.layout, data.folds(exp), data.rows, data.test, exp.task
@@ -148,12 +149,7 @@ def run(exp, data) -> Path:
     oof_q = queries(rows.ids, rows.questions, rows.contexts)
     test_q = test_queries(test.ids, test.questions, test.contexts) if test is not None else []
     answers = {m: load_answers(layout, m, k, [q.id for q in oof_q], [q.id for q in test_q]) for m in members}
-    dead = degenerate_members(layout, [b.name for b in exp.backbones], k)
-    for m, reasons in dead.items():
-        log.warning("ensemble: %s is left out of every combination: degenerate fold model(s): %s", m, "; ".join(reasons))
-    active = [m for m in members if m not in dead]
-    if not active:
-        raise RuntimeError(f"every member is degenerate: {dead}")
+    active, dead = active_members(exp, k)
     refs = [rows.answers[q.item] for q in oof_q]
     groups = [rows.groups[q.item] for q in oof_q]
     inner = assign([rows.ids[q.item] for q in oof_q], cfg.inner_folds, "inner")  # by item: its phrasings together
@@ -163,15 +159,15 @@ def run(exp, data) -> Path:
     log.info("ensemble: %d out-of-fold questions, %d test questions, members %s", len(oof_q), len(test_q), members)
 
     oof = {m: [(m, a[0][0]) for a in answers[m]["oof"]] for m in members}  # each member alone: its greedy answer
+    per_question = {m: judge.scores([a for _, a in got], refs) for m, got in oof.items()}
     combos = {}
+    top = TopMembers(judge, answers, {m: per_question[m] for m in active}, refs)  # every member set's MBR, once
     if sum(len(answers[m]["oof"][0]) for m in active) > 1:
-        oof[MBR] = mbr_answers(judge, pools(answers, active, "oof", len(oof_q)))
-        combos[MBR] = active
+        (oof[MBR], per_question[MBR]), combos[MBR] = top.mbr(active), active
     if len(active) > 1:
-        top = TopMembers(judge, answers, active, refs)
         oof[MBR_TOP], per_fold = top.crossfit(inner, cfg.inner_folds)
+        per_question[MBR_TOP] = judge.scores([a for _, a in oof[MBR_TOP]], refs)
         combos[MBR_TOP] = top.best(np.arange(len(refs)))  # for the test questions: chosen on all of them
-    per_question = {n: judge.scores([a for _, a in got], refs) for n, got in oof.items()}
     score = {n: float(s.mean()) for n, s in per_question.items()}
     candidates = active + list(combos)
     chosen = max(candidates, key=lambda n: score[n])

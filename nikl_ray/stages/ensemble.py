@@ -25,7 +25,7 @@ from nikl_ray.data import write_predictions
 from nikl_ray.decision import best_rule, crossfit, decide, score_rules
 from nikl_ray.inputs import Inputs
 from nikl_ray.folds import stratified_folds
-from nikl_ray.members import degenerate_members, load_member, member_names
+from nikl_ray.members import active_members, load_member, member_names
 from nikl_ray.metrics import metric_name, per_label_table, scores
 from nikl_ray.runspec import assign
 from nikl_ray.placement import place
@@ -53,12 +53,7 @@ def run(exp: Experiment, data: Inputs) -> Path:
         log.info("ensemble: done already (%s)", layout.ensemble)
         return layout.report
     loaded = {m: load_member(layout, m, k, rows.ids, test.ids if test is not None else None) for m in members}
-    dead = degenerate_members(layout, [b.name for b in exp.backbones], k)
-    for m, reasons in dead.items():
-        log.warning("ensemble: %s is left out of every ensemble: degenerate fold model(s): %s", m, "; ".join(reasons))
-    active = [m for m in members if m not in dead]
-    if not active:
-        raise RuntimeError(f"every member is degenerate: {dead}")
+    active, dead = active_members(exp, k)
 
     inner = np.zeros(len(rows), dtype=int)
     for j, held in enumerate(stratified_folds(y, task.multi_label, cfg.inner_folds, cfg.seed)):
