@@ -1,6 +1,7 @@
 import contextlib
 import json
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -157,6 +158,42 @@ def single_label_run(tmp_path_factory, tiny_backbones, ray_local):
     tmp = tmp_path_factory.mktemp("nsmc")
     raw = nsmc_experiment(tmp, tiny_backbones, tmp / "res")
     return raw, pipeline(open_run(raw))
+
+
+def registered_epoch(run_dir: Path) -> float:
+    """The epoch of the last checkpoint Ray Train has recorded for the run (what a restart restores
+    from), 0 before the first. A checkpoint folder shows up while it is still being copied, before
+    Ray registers it."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return 0
+    return (snapshot.get("latest_checkpoint_result") or {}).get("metrics", {}).get("epoch", 0)
+
+
+def resumed(history: list[dict]) -> bool:
+    """True when the process that wrote the run's last epochs started from a checkpoint (each
+    evaluation logs the step its process started from) and every epoch was evaluated exactly once."""
+    epochs = [h["epoch"] for h in history if "eval_score" in h]
+    starts = [h["resumed_from_step"] for h in history if "resumed_from_step" in h]
+    return epochs == sorted(set(epochs)) and any(s > 0 for s in starts)
+
+
+def kill_the_train_worker_after_its_first_checkpoint(run_dir: Path, timeout: float = 300) -> None:
+    """SIGKILL the one Ray Train worker of the shared Ray instance once the run in `run_dir` has a
+    checkpoint Ray Train registered (what its restart resumes from)."""
+    import psutil
+    from ray.util.state import list_actors
+
+    from nikl_ray.cluster import api_server
+
+    deadline = time.time() + timeout
+    while time.time() < deadline and not registered_epoch(run_dir):
+        time.sleep(0.2)
+    # this Ray instance's Train workers only (other tests may run their own Ray beside it)
+    workers = list_actors(address=api_server(), filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    assert len(workers) == 1, workers
+    psutil.Process(workers[0].pid).kill()
 
 
 def kill_with_its_ray(proc) -> None:

@@ -4,7 +4,6 @@ on Ray Train with the retrieval member and MBR, the finished run answering throu
 Predictor, the command line and Ray Serve, and a killed QA run resuming."""
 
 import json
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -38,7 +37,7 @@ def test_every_phrasing_and_answer_of_an_item_stays_in_its_fold_and_prompts_neve
     rows = demo_rows()
     folds = make_folds(rows, k=3, seed=0, selection=0.15)
     tokenizer = make_tokenizer("gpt_neox", ["질문 답변"], 300)
-    shares = []
+    shares, checked = [], 0
     for f in range(3):
         train, select, held = fold_positions(rows, folds, f)
         assert not (set(train) & set(held)) and not (set(select) & set(held)) and not (set(train) & set(select))
@@ -50,6 +49,7 @@ def test_every_phrasing_and_answer_of_an_item_stays_in_its_fold_and_prompts_neve
             for text in rows.questions[i] + rows.answers[i]:
                 if not any(text in rows.questions[j] + rows.answers[j] for j in train):  # a template twin is not a leak
                     assert text not in training_text, (f, rows.ids[i], text)
+                    checked += 1
         held_q = queries(rows.ids, rows.questions, rows.contexts, held)
         for near in prompter.retriever.nearest([q.question for q in held_q], 2):
             assert set(near) <= set(train)
@@ -58,6 +58,7 @@ def test_every_phrasing_and_answer_of_an_item_stays_in_its_fold_and_prompts_neve
                                                       2, [q.item for q in queries(rows.ids, rows.questions, rows.contexts, train)])):
             assert q.item not in near  # a training pair never retrieves its own item
         shares.append(np.mean([rows.groups[i] == "마감재" for i in held]))
+    assert checked > 0.9 * sum(len(rows.questions[i]) + len(rows.answers[i]) for i in range(len(rows)))  # nearly all were checked
     overall = np.mean([g == "마감재" for g in rows.groups])
     assert max(abs(s - overall) for s in shares) < 0.05, (shares, overall)
 
@@ -354,19 +355,16 @@ def test_a_killed_qa_worker_restarts_from_its_checkpoint_and_ends_as_the_uninter
     """The QA fold run of neox-full on fold 0, its Ray Train worker SIGKILLed after its first
     checkpoint: Ray Train restarts it from there and it ends with the fixture's (uninterrupted)
     run's best weights."""
-    import psutil
     import ray
-    from ray.util.state import list_actors
     from safetensors.numpy import load_file
 
+    from conftest import kill_the_train_worker_after_its_first_checkpoint, resumed
     from nikl_ray.artifacts import load_manifest
-    from nikl_ray.cluster import api_server
     from nikl_ray.folds import fold_positions
     from nikl_ray.launcher import fit_run
     from nikl_ray.placement import Placement
     from nikl_ray.runfiles import read_history
     from nikl_ray.runspec import Device, fold_run, payload_of
-    from test_resilience import _registered_epoch, _resumed
 
     run, _ = qa_run
     exp, rows = run.exp, run.inputs.rows
@@ -374,14 +372,9 @@ def test_a_killed_qa_worker_restarts_from_its_checkpoint_and_ends_as_the_uninter
                          Placement("neox-full", 0.1, 0, 0.0, 1.0), Device(False, "cpu"), name="qa-killed",
                          storage=str(tmp_path))
     pending = ray.remote(num_cpus=0)(fit_run).remote(fold_run_)
-    deadline = time.time() + 300
-    while time.time() < deadline and not _registered_epoch(tmp_path / "qa-killed"):
-        time.sleep(0.2)
-    workers = list_actors(address=api_server(), filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-    assert len(workers) == 1, workers
-    psutil.Process(workers[0].pid).kill()
+    kill_the_train_worker_after_its_first_checkpoint(tmp_path / "qa-killed")
     out = ray.get(pending)
-    assert _resumed(read_history(out["latest_checkpoint"])), "the restarted worker started over"
+    assert resumed(read_history(out["latest_checkpoint"])), "the restarted worker started over"
     ref = run.layout.pair("neox-full", 0)
     mine = load_file(str(Path(out["best_checkpoint"]) / "checkpoint" / "model.safetensors"))
     theirs = load_file(str(ref / load_manifest(ref)["best_checkpoint"] / "model.safetensors"))

@@ -1,7 +1,6 @@
 """Crashes, kills, bad artifacts and out-of-memory: nothing finished is lost, nothing broken is used."""
 
 import csv
-import json
 import os
 import shutil
 import subprocess
@@ -14,6 +13,7 @@ import pytest
 import torch
 import yaml
 
+from conftest import kill_the_train_worker_after_its_first_checkpoint, registered_epoch, resumed
 from nikl_ray.artifacts import load_manifest, manifest_problem, write_manifest, write_text
 from nikl_ray.backbones import BackboneSpec
 from nikl_ray.runfiles import read_history
@@ -117,25 +117,6 @@ def _checkpoints(run_dir: Path) -> list[Path]:
     return sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir()) if run_dir.exists() else []
 
 
-def _registered_epoch(run_dir: Path) -> float:
-    """The epoch of the last checkpoint Ray Train has recorded for the run (what a restart restores
-    from), 0 before the first. A checkpoint folder shows up while it is still being copied, before
-    Ray registers it."""
-    try:
-        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return 0
-    return (snapshot.get("latest_checkpoint_result") or {}).get("metrics", {}).get("epoch", 0)
-
-
-def _resumed(history: list[dict]) -> bool:
-    """True when the process that wrote the run's last epochs started from a checkpoint (each
-    evaluation logs the step its process started from) and every epoch was evaluated exactly once."""
-    epochs = [h["epoch"] for h in history if "eval_score" in h]
-    starts = [h["resumed_from_step"] for h in history if "resumed_from_step" in h]
-    return epochs == sorted(set(epochs)) and any(s > 0 for s in starts)
-
-
 def _same_adapter(a_dir: Path, b_dir: Path) -> None:
     from safetensors.numpy import load_file
 
@@ -153,11 +134,8 @@ def test_a_killed_worker_restarts_and_the_run_ends_as_if_nothing_happened_withou
     chosen on the selection slice, never on the held-out fold."""
     import dataclasses
 
-    import psutil
     import ray
-    from ray.util.state import list_actors
 
-    from nikl_ray.cluster import api_server
     from nikl_ray.folds import fold_positions
     from nikl_ray.launcher import fit_run
     from nikl_ray.placement import Placement
@@ -172,15 +150,9 @@ def test_a_killed_worker_restarts_and_the_run_ends_as_if_nothing_happened_withou
     run = fold_run(exp, exp.backbone("neox-lora"), 0, positions, payload, Placement("neox-lora", 0.1, 0, 0.0, 1.0),
                    Device(False, "cpu"), name="scrambled", storage=str(tmp_path))
     pending = ray.remote(num_cpus=0)(fit_run).remote(run)
-    deadline = time.time() + 300
-    while time.time() < deadline and not _registered_epoch(tmp_path / "scrambled"):
-        time.sleep(0.2)
-    # this Ray instance's Train workers only (other tests may run their own Ray beside it)
-    workers = list_actors(address=api_server(), filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-    assert len(workers) == 1, workers
-    psutil.Process(workers[0].pid).kill()
+    kill_the_train_worker_after_its_first_checkpoint(tmp_path / "scrambled")
     out = ray.get(pending)
-    assert _resumed(read_history(out["latest_checkpoint"])), "the restarted worker started over"
+    assert resumed(read_history(out["latest_checkpoint"])), "the restarted worker started over"
     ref = exp.layout.pair("neox-lora", 0)
     _same_adapter(Path(out["best_checkpoint"]) / "checkpoint", ref / load_manifest(ref)["best_checkpoint"])
     assert out["metrics"]["heldout_micro_f1"] != load_manifest(ref)["heldout_micro_f1"]  # scored on the scrambled labels
@@ -206,19 +178,19 @@ def test_a_killed_driver_resumes_without_retraining_and_matches_an_uninterrupted
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.time() + 400
-        while time.time() < deadline and _registered_epoch(pair("neox-lora", 1)) < reference["best_epoch"]:
+        while time.time() < deadline and registered_epoch(pair("neox-lora", 1)) < reference["best_epoch"]:
             assert proc.poll() is None, "training ended before it could be killed"
             time.sleep(0.05)
     finally:
         kill_with_its_ray(proc)  # the driver and the Ray instance it started
-    assert _registered_epoch(pair("neox-lora", 1)) < reference["epochs_run"], "killed after the last epoch"
+    assert registered_epoch(pair("neox-lora", 1)) < reference["epochs_run"], "killed after the last epoch"
     fold0 = (pair("neox-lora", 0) / "manifest.json").read_text()
 
     status = {r["fold"]: r["status"] for r in csv.DictReader(open(train.run(exp, data)))}
     assert status == {"0": "skipped (done)", "1": "trained"}
     assert (pair("neox-lora", 0) / "manifest.json").read_text() == fold0
     resumed = load_manifest(pair("neox-lora", 1))
-    assert _resumed(read_history(_checkpoints(pair("neox-lora", 1))[-1])), "fold 1 started over instead of resuming"
+    assert resumed(read_history(_checkpoints(pair("neox-lora", 1))[-1])), "fold 1 started over instead of resuming"
     _same_adapter(pair("neox-lora", 1) / resumed["best_checkpoint"], ref("neox-lora", 1) / reference["best_checkpoint"])
     assert resumed["heldout_micro_f1"] == pytest.approx(reference["heldout_micro_f1"], abs=1e-6)
 
