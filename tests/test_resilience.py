@@ -189,10 +189,10 @@ def test_a_killed_driver_resumes_without_retraining_and_matches_an_uninterrupted
     status = {r["fold"]: r["status"] for r in csv.DictReader(open(train.run(exp, data)))}
     assert status == {"0": "skipped (done)", "1": "trained"}
     assert (pair("neox-lora", 0) / "manifest.json").read_text() == fold0
-    resumed = load_manifest(pair("neox-lora", 1))
+    after = load_manifest(pair("neox-lora", 1))
     assert resumed(read_history(_checkpoints(pair("neox-lora", 1))[-1])), "fold 1 started over instead of resuming"
-    _same_adapter(pair("neox-lora", 1) / resumed["best_checkpoint"], ref("neox-lora", 1) / reference["best_checkpoint"])
-    assert resumed["heldout_micro_f1"] == pytest.approx(reference["heldout_micro_f1"], abs=1e-6)
+    _same_adapter(pair("neox-lora", 1) / after["best_checkpoint"], ref("neox-lora", 1) / reference["best_checkpoint"])
+    assert after["heldout_micro_f1"] == pytest.approx(reference["heldout_micro_f1"], abs=1e-6)
 
 
 @pytest.mark.slow
