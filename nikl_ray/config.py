@@ -20,6 +20,7 @@ from nikl_ray.backbones import BackboneSpec
 from nikl_ray.layout import Layout
 from nikl_ray.modes import mode_of
 from nikl_ray.tasks import TaskSpec, get_task
+from nikl_ray.tracking import TrackingConfig
 
 log = logging.getLogger(__name__)
 DEFAULT_MAX_NEW_TOKENS = 64
@@ -95,6 +96,8 @@ class Experiment(BaseModel):
     ensemble: EnsembleConfig = EnsembleConfig()
     search_spaces: dict[str, Path] = Field({}, description="Backbone name → search space YAML for `tune`.")
     search: SearchConfig = SearchConfig()
+    tracking: TrackingConfig = Field(TrackingConfig(), description="Where runs are tracked: `none`, `tensorboard` "
+                                     "(the default), `mlflow`, `wandb`, a list of them, or a mapping (nikl_ray/tracking.py).")
     pinned: dict[str, list[str]] = Field({}, description="(filled by the reader) keys each backbone sets itself.")
 
     @field_validator("task", mode="before")

@@ -12,6 +12,8 @@
       ensemble/         heads, report, decision.json, run.json (the run as trained: what Predictor.load reads),
                         submission, submissions/<candidate>.*; a generate task's answers.* and qa_items.json
       selection/        rows `nikl-ray select` picked for labelling
+      tracking/         mlflow.db and mlflow-artifacts/ (MLflow's default store; tracking.py); TensorBoard
+                        events and W&B run folders live in each run's own folder
 """
 
 from __future__ import annotations
@@ -174,6 +176,20 @@ class Layout:
     def selection(self, name: str) -> Path:
         """Rows `nikl-ray select` picked for labelling."""
         return self.root / "selection" / name
+
+    # tracking (nikl_ray/tracking.py)
+    @property
+    def mlflow_db(self) -> Path:
+        return self.root / "tracking" / "mlflow.db"
+
+    @property
+    def mlflow_artifacts(self) -> Path:
+        return self.root / "tracking" / "mlflow-artifacts"
+
+    @property
+    def ensemble_run(self) -> Path:
+        """The ensemble stage's tracked run (its TensorBoard events, W&B folder, tracking ids)."""
+        return self.ensemble / "run"
 
     @property
     def dashboard_note(self) -> Path:

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install nikl-ray and its dependencies into the active Python (use a venv if you like).
 #
-#   bash scripts/install.sh            # CPU machine: a CPU build of torch, then the package + dev tools
+#   bash scripts/install.sh            # CPU machine: a CPU build of torch, then the package + dev tools + trackers
 #
 # GPU machines: install the torch build for your CUDA first (see pytorch.org); this script
 # leaves an existing torch alone. Override the CPU torch with NIKL_RAY_TORCH="torch==X.Y.Z"
@@ -20,7 +20,7 @@ if ! "$PY" -c "import torch" 2>/dev/null; then
     "$PY" -m pip install "$spec"
   fi
 fi
-"$PY" -m pip install -e ".[dev]"
+"$PY" -m pip install -e ".[dev,tracking]"
 # the installed versions, read from the packages' metadata (importing torch and transformers just to
 # print them took 13 s of CI on 2 cores; the tests import them next)
 "$PY" -c "from importlib.metadata import version as v; print('nikl-ray installed: ' + ', '.join(f'{p} {v(p)}' for p in ('torch', 'ray', 'transformers', 'peft')))"
