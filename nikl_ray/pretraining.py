@@ -19,6 +19,7 @@ from pathlib import Path
 
 from nikl_ray.backbones import BackboneSpec
 from nikl_ray.runfiles import HF_CHECKPOINT, final_path, trainer_state
+from nikl_ray.tracking import Target, Tracker, untracked
 
 log = logging.getLogger(__name__)
 STOP_CHECK_STEPS = 10  # how often the workers agree on the time budget
@@ -37,6 +38,7 @@ class PretrainRun:
     precision: str
     resources: dict
     max_failures: int
+    tracking: Target | None = None  # where rank 0 logs
 
 
 def pretrain_loop(config: dict) -> None:
@@ -74,17 +76,20 @@ def pretrain_loop(config: dict) -> None:
     train_ds = dataset(ray.get(run.texts))
     held_ds = dataset(ray.get(run.heldout))
     budget = cfg.minutes * 60 if cfg.minutes else None
+    every_s = (run.tracking or untracked()).progress_seconds
 
     class Budget(TrainerCallback):
         """Stops every worker at the same step once rank 0's clock (over all attempts) passes the budget,
-        and prints progress on rank 0."""
+        and prints progress on rank 0: at each log, and at least every `every_s` seconds."""
 
         spent_before = 0.0
         t0 = tokens0 = step0 = None
+        printed, loss = 0.0, float("nan")
 
         def on_train_begin(self, args, state, control, **kw):
             self.spent_before = next((h["pretrain_seconds"] for h in reversed(state.log_history) if "pretrain_seconds" in h), 0.0)
             self.t0, self.tokens0, self.step0 = time.time(), state.num_input_tokens_seen, state.global_step
+            self.printed = self.t0
 
         def spent(self) -> float:
             return self.spent_before + time.time() - self.t0
@@ -95,17 +100,24 @@ def pretrain_loop(config: dict) -> None:
                 if dist.is_available() and dist.is_initialized():
                     dist.broadcast(stop, src=0)
                 control.should_training_stop = bool(stop.item())
+            if time.time() - self.printed >= every_s:
+                self.say(state)
 
         def on_log(self, args, state, control, logs=None, **kw):
             logs = logs or {}
             if "loss" in logs:
                 state.log_history.append({"pretrain_seconds": self.spent(), "step": state.global_step})
-                if rank == 0:
-                    dt = max(time.time() - self.t0, 1e-9)
-                    print(f"{run.name} step {state.global_step}: loss {logs['loss']:.4f} (perplexity "
-                          f"{math.exp(min(logs['loss'], 20)):.1f}), {(state.global_step - self.step0) / dt:.2f} steps/s, "
-                          f"{(state.num_input_tokens_seen - self.tokens0) / dt:.0f} tokens/s, {self.spent():.0f} s"
-                          + (f" of {budget:.0f}" if budget else ""), flush=True)
+                self.loss = logs["loss"]
+                self.say(state)
+
+        def say(self, state) -> None:
+            self.printed = time.time()
+            if rank == 0:
+                dt = max(self.printed - self.t0, 1e-9)
+                print(f"{run.name} step {state.global_step}: loss {self.loss:.4f} (perplexity "
+                      f"{math.exp(min(self.loss, 20)):.1f}), {(state.global_step - self.step0) / dt:.2f} steps/s, "
+                      f"{(state.num_input_tokens_seen - self.tokens0) / dt:.0f} tokens/s, {self.spent():.0f} s"
+                      + (f" of {budget:.0f}" if budget else ""), flush=True)
 
     args = TrainingArguments(
         # one folder per rank: every rank reports its checkpoint folder to Ray, which merges them; in a
@@ -117,20 +129,29 @@ def pretrain_loop(config: dict) -> None:
         report_to="none", disable_tqdm=True, seed=cfg.seed, data_seed=cfg.seed, use_cpu=not on_cuda,
         bf16=on_cuda and run.precision == "bf16", fp16=on_cuda and run.precision == "fp16",
         ddp_find_unused_parameters=False, dataloader_num_workers=0, include_num_input_tokens_seen="non_padding")
+    from nikl_ray.train_callbacks import Track
+
+    params = {"backbone": spec.name, "checkpoint": spec.checkpoint, "objective": spec.objective,
+              **{f"pretrain.{k}": v for k, v in cfg.model_dump(mode="json").items() if k != "corpus"},
+              "train_texts": len(train_ds), "heldout_texts": len(held_ds), "world_size": world, "device": run.device}
+    tracker = Tracker.open(run.tracking, run.name, Path(run.storage) / run.name, params) if rank == 0 else Tracker([])
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=held_ds,
                       data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=mlm, mlm_probability=cfg.mask_probability),
-                      processing_class=tokenizer, callbacks=[Budget(), RayTrainReportCallback()])
+                      processing_class=tokenizer, callbacks=[Budget(), Track(tracker), RayTrainReportCallback()])
     trainer.remove_callback(PrinterCallback)
     checkpoint = ray.train.get_checkpoint()
     resumed_from = 0
-    if checkpoint:  # a killed run: continue from its last checkpoint
-        with checkpoint.as_directory() as ckpt_dir:
-            path = os.path.join(ckpt_dir, HF_CHECKPOINT)
-            resumed_from = trainer_state(path)["global_step"]
-            trainer.train(resume_from_checkpoint=path)
-    else:
-        trainer.train()
-    eval_loss = trainer.evaluate()["eval_loss"] if len(held_ds) else float("nan")
+    with tracker:
+        if checkpoint:  # a killed run: continue from its last checkpoint
+            with checkpoint.as_directory() as ckpt_dir:
+                path = os.path.join(ckpt_dir, HF_CHECKPOINT)
+                resumed_from = trainer_state(path)["global_step"]
+                trainer.train(resume_from_checkpoint=path)
+        else:
+            trainer.train()
+        eval_loss = trainer.evaluate()["eval_loss"] if len(held_ds) else float("nan")
+        tracker.summary({"heldout/loss": eval_loss, "heldout/perplexity": math.exp(min(eval_loss, 50)),
+                         "tokens_seen": trainer.state.num_input_tokens_seen}, trainer.state.global_step)
     mine = {"rank": rank, "world_size": world, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
             "steps": trainer.state.global_step - resumed_from, "seconds": time.time() - started}
     out = Path(run.storage) / run.name

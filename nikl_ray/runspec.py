@@ -20,6 +20,7 @@ from nikl_ray.data import Rows, TextRows
 from nikl_ray.handoff import FeatureOrder
 from nikl_ray.placement import Placement
 from nikl_ray.tasks import TaskSpec
+from nikl_ray.tracking import Target
 
 SELECT_METRIC = "eval_score"  # a run's score on its selection slice (decision.selection_score), as Tune sees it
 # what Ray keeps a run's best checkpoint by: the selection score of an epoch that beat every earlier one, else
@@ -86,7 +87,7 @@ class FoldRun:
     max_failures: int
     predict_heldout: bool = True  # score the held-out fold once at the end (not in tune trials)
     features: FeatureOrder | None = None  # a final run's features to write (handoff)
-    tags: dict = field(default_factory=dict)
+    tracking: Target | None = None  # where its rank 0 logs (None: nowhere; progress lines every 30 s)
 
     @property
     def memory_fraction(self) -> float | None:
@@ -111,18 +112,20 @@ def payload_of(rows, test=None):
 
 
 def fold_run(exp, spec: BackboneSpec, fold: int, positions: tuple, data, placement: Placement, device: Device, *,
-             name: str, storage: str, predict_heldout: bool = True, features: FeatureOrder | None = None) -> FoldRun:
+             name: str, storage: str, predict_heldout: bool = True, features: FeatureOrder | None = None,
+             tracking: Target | None = None) -> FoldRun:
     """The run of `spec` on `fold`; `positions` = (train, selection, held-out) row positions."""
     train, select, held = positions
     return FoldRun(spec, exp.task, fold, name, storage, data, train, select, held, device.device, device.precision(spec),
-                   device.gradient_checkpointing(spec), placement, exp.resources.max_failures, predict_heldout, features)
+                   device.gradient_checkpointing(spec), placement, exp.resources.max_failures, predict_heldout, features,
+                   tracking)
 
 
 def final_run(exp, spec: BackboneSpec, fold: int, positions: tuple, data, placement: Placement, device: Device,
-              order: FeatureOrder | None) -> FoldRun:
+              order: FeatureOrder | None, tracking: Target | None = None) -> FoldRun:
     """A pair's final run, as the train stage fits it and the features stage reads its fold model."""
     return fold_run(exp, spec, fold, positions, data, placement, device, name=exp.layout.run_name(spec.name, fold),
-                    storage=str(exp.layout.train), features=order)
+                    storage=str(exp.layout.train), features=order, tracking=tracking)
 
 
 def held_out_hash(folds: dict, fold: int) -> str:

@@ -3,8 +3,8 @@
 Per stage: done / running / cut off / pending / failed, from the manifests under the results
 root. Per Train run (fold × backbone): its state, epochs, best selection score so far and wall
 time — from Ray's dashboard (its Train API, while the Ray instance that runs it is up) and from
-the run's own storage (checkpoints, manifests) otherwise. Where the dashboard, the TensorBoard
-logdir and the Optuna studies are.
+the run's own storage (checkpoints, manifests) otherwise, and where it is tracked. Where the
+dashboard, the Optuna studies and the trackers are, with the command that opens each.
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ def run_state(run_dir: Path, live: dict | None) -> dict:
     history = _history(run_dir)
     scored = [h[SELECT_METRIC] for h in history if SELECT_METRIC in h]
     epochs = max((int(round(h.get("epoch", 0))) for h in history if "loss" in h), default=0)
-    out = {"epochs": epochs, "best_score": max(scored) if scored else None, "wall_seconds": None, "live": None}
+    out = {"epochs": epochs, "best_score": max(scored) if scored else None, "wall_seconds": None, "live": None,
+           "tracking": tracked(run_dir)}
     if live:
         out["live"] = live["status"]
         start, end = live.get("start_time_ns"), live.get("end_time_ns")
@@ -82,6 +83,16 @@ def run_state(run_dir: Path, live: dict | None) -> dict:
     else:
         out["state"] = "pending"
     return out
+
+
+def tracked(run_dir: Path) -> dict:
+    """Where one run is tracked: its TensorBoard events, W&B run folders, MLflow run id (tracking.py)."""
+    from nikl_ray.tracking import IDS
+
+    ids = read_json(run_dir / IDS) if (run_dir / IDS).exists() else {}
+    return {"tensorboard": str(run_dir / "tensorboard") if (run_dir / "tensorboard").exists() else None,
+            "wandb": [str(p) for p in sorted(run_dir.glob("wandb/offline-run-*"))], "mlflow_run_id": ids.get("mlflow"),
+            "wandb_run_id": ids.get("wandb")}
 
 
 def _stage_state(parts: list[str]) -> str:
@@ -120,7 +131,7 @@ def run_status(exp: Experiment, *, ray_address: str | None = None) -> dict:
         searches[name] = {"state": "done" if layout.manifest(d).exists() else "running" if running
                           else "cut off" if d.exists() else "pending",
                           "trials_seen": len(list(layout.search(name).glob("trial_*"))) if d.exists() else 0,
-                          "optuna_study": str(layout.optuna_db(name)), "tensorboard_logdir": str(layout.search(name))}
+                          "optuna_study": str(layout.optuna_db(name)), "tensorboard_logdir": str(layout.tune(name))}
     features = {f"{m}-fold{f}": "done" if layout.manifest(layout.features(m, f)).exists() else "pending"
                 for m in member_names(exp) for f in range(k)}
     pretrain = {b.name: "done" if layout.manifest(layout.pretrain(b.name)).exists() else
@@ -135,7 +146,12 @@ def run_status(exp: Experiment, *, ray_address: str | None = None) -> dict:
     }
     stages = {name: by_stage[name] for name in layout.stages()}  # in pipeline order
     submission = next((str(p) for p in layout.ensemble.glob("submission.*")), None) if layout.ensemble.exists() else None
+    from nikl_ray.tracking import mlflow_uri, track_command
+
+    tracking = {"trackers": exp.tracking.trackers, "mlflow_uri": mlflow_uri(exp),
+                "commands": track_command(layout.root, exp.tracking, mlflow_uri(exp))}
     return {"results": str(layout.root), "stages": stages, "runs": runs, "searches": searches, "features": features,
+            "tracking": tracking,
             "dashboard": address, "dashboard_problem": problem, "submission": submission,
             "failed": [n for n, r in runs.items() if r["state"] == "failed"] + [
                 s for s, v in stages.items() if v == "failed" and s != "train"]}
@@ -156,7 +172,9 @@ def print_status(status: dict, *, as_json: bool = False) -> None:
     print(markdown(rows), end="")
     for name, s in status["searches"].items():
         print(f"search {name}: {s['state']}, {s['trials_seen']} trial(s); Optuna study {s['optuna_study']} "
-              f"(optuna-dashboard sqlite:///{s['optuna_study']}); TensorBoard --logdir {s['tensorboard_logdir']}")
+              f"(optuna-dashboard sqlite:///{s['optuna_study']}); tensorboard --logdir {s['tensorboard_logdir']}")
+    for line in status["tracking"]["commands"]:
+        print(f"tracking: {line}")
     if status["dashboard"]:
         print(f"Ray dashboard: {status['dashboard']}" + (f" (not answering: {status['dashboard_problem']})"
                                                          if status["dashboard_problem"] else ""))

@@ -67,10 +67,46 @@ class BestKeptByRay(TrainerCallback):
 
 
 class Progress(TrainerCallback):
-    """One line per epoch (in the driver's console through Ray): loss and selection score."""
+    """One line per epoch (in the driver's console through Ray): loss and selection score. Inside an
+    epoch, a line at least every `every_s` seconds of training (step, samples/s, recent train loss,
+    time left at most: early stopping may end sooner), or, with `bars`, one of Ray's tqdm bars (the
+    driver draws it; for a console that is a terminal)."""
 
-    def __init__(self, run_name: str, select: bool):
-        self.run_name, self.select = run_name, select
+    def __init__(self, run_name: str, select: bool, losses, every_s: float = 30.0, bars: bool = False):
+        self.run_name, self.select, self.losses, self.every_s, self.bars = run_name, select, losses, every_s, bars
+        self.t0 = self.last = 0.0
+        self.step0, self.bar = 0, None
+
+    def on_train_begin(self, args, state, control, **kw):
+        self.t0 = self.last = time.time()
+        self.step0 = state.global_step
+        if self.bars:
+            from ray.experimental.tqdm_ray import tqdm
+
+            self.bar = tqdm(desc=self.run_name, total=state.max_steps, unit="step")
+            self.bar.update(state.global_step)
+
+    def on_step_end(self, args, state, control, **kw):
+        loss = self.losses.mean()
+        if self.bar is not None:
+            self.bar.set_description(f"{self.run_name} loss {loss:.4f}" if loss is not None else self.run_name)
+            self.bar.update(1)
+            return
+        now = time.time()
+        if now - self.last < self.every_s:
+            return
+        self.last = now
+        done, elapsed = state.global_step - self.step0, max(now - self.t0, 1e-9)
+        samples = done * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+        left = (state.max_steps - state.global_step) * elapsed / max(done, 1)
+        print(f"{self.run_name} step {state.global_step}/{state.max_steps} (epoch {state.epoch or 0:.2f}/"
+              f"{args.num_train_epochs:g}): {samples / elapsed:.1f} samples/s, train loss "
+              f"{loss if loss is not None else float('nan'):.4f}, at most {clock(left)} left", flush=True)
+
+    def on_train_end(self, args, state, control, **kw):
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
     def on_log(self, args, state, control, logs=None, **kw):
         logs = logs or {}
@@ -80,3 +116,45 @@ class Progress(TrainerCallback):
             where = (f", selection score {scored[-1]:.4f} (best {max(scored):.4f})" if scored else "")
             print(f"{self.run_name} epoch {round(state.epoch or 0)}/{args.num_train_epochs:g}: train loss {loss:.4f}{where}",
                   flush=True)
+            self.last = time.time()
+
+
+def clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class Track(TrainerCallback):
+    """A run's HF logs to its trackers (nikl_ray/tracking.py): the mean train loss of every
+    `every` optimizer steps (`losses`), each epoch's losses and selection-slice scores (micro-F1 or
+    accuracy, per-label F1, the selection score) as eval/…, HF's end-of-training speeds as its summary.
+    Without `losses` the Trainer logs by steps itself (pretraining): its `loss` is the step loss."""
+
+    SKIP = {CHECKPOINT_RANK, "total_flos", "step", "epoch"}
+
+    def __init__(self, tracker, losses=None, every: int = 20):
+        self.tracker, self.losses, self.every = tracker, losses, every
+
+    def on_step_end(self, args, state, control, lr_scheduler=None, **kw):
+        if self.losses is None or state.global_step % self.every:
+            return
+        values = {"train/loss": self.losses.mean(), "train/epoch": state.epoch}
+        if lr_scheduler is not None:
+            values["train/learning_rate"] = lr_scheduler.get_last_lr()[0]
+        self.tracker.metrics(values, state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kw):
+        logs = dict(logs or {})
+        if "train_runtime" in logs:  # the end of training: its speeds and mean loss
+            self.tracker.summary({f"train/{'mean_loss' if k == 'train_loss' else k.removeprefix('train_')}": v
+                                  for k, v in logs.items() if k not in self.SKIP}, state.global_step)
+            return
+        values = {"train/epoch": state.epoch}
+        for k, v in logs.items():
+            if k in self.SKIP:
+                continue
+            if k.startswith("eval_"):
+                values[f"eval/{k.removeprefix('eval_')}"] = v
+            else:
+                values[f"train/{'epoch_loss' if k == 'loss' and self.losses is not None else k}"] = v
+        self.tracker.metrics(values, state.global_step)

@@ -181,24 +181,27 @@ def train_fold(config: dict) -> None:
     train_ds, select_ds = make(run.train_idx), make(run.select_idx) if len(run.select_idx) else None
     model = load_model(run, tokenizer)
     clock["model_loaded"] = time.time()
-    # fit, retried at half the batch on out-of-memory where the spec allows it; HF Trainer's output
-    # folder is gone once training ends: Ray copied each epoch's checkpoint into the run's storage
-    with tempfile.TemporaryDirectory(prefix="nikl-ray-hf-", ignore_cleanup_errors=True) as out_dir:
-        fit = FitAttempts(run, tokenizer, train_ds, select_ds, out_dir, checkpoint, ray_train, on_cuda, started)
-        trainer = run_with_oom_retry(spec, run.fold, run.estimate_gb, model, fit, functools.partial(load_model, run, tokenizer))
-    clock["trained"] = time.time()
-    speed = next((h for h in reversed(trainer.state.log_history) if "train_runtime" in h), {})
-    final = {"train_steps_per_second": speed.get("train_steps_per_second"),
-             "train_samples_per_second": speed.get("train_samples_per_second"),
-             "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1024**3 if on_cuda else None}
-    if run.predict_heldout:
-        # one pass over the held-out rows serves the table and, in a final run, the features stage
-        model, batch = inference_model(trainer), trainer.args.per_device_eval_batch_size
-        held = embed(spec, tokenizer, model, data.inputs.take(run.heldout_idx), task.multi_label, batch_size=batch)
-        final.update(heldout_report(held[1], data, run))
-        step = handoff.step_in_hand(trainer, select_ds is not None, resumed=bool(checkpoint), attempts=len(fit.specs))
-        if run.features is not None and step is not None:
-            handoff.write(run, data, tokenizer, model, held, step, batch)
+    with open_tracker(run, ray_train) as tracker:
+        # fit, retried at half the batch on out-of-memory where the spec allows it; HF Trainer's output
+        # folder is gone once training ends: Ray copied each epoch's checkpoint into the run's storage
+        with tempfile.TemporaryDirectory(prefix="nikl-ray-hf-", ignore_cleanup_errors=True) as out_dir:
+            fit = FitAttempts(run, tokenizer, train_ds, select_ds, out_dir, checkpoint, ray_train, on_cuda, started, tracker)
+            trainer = run_with_oom_retry(spec, run.fold, run.estimate_gb, model, fit,
+                                         functools.partial(load_model, run, tokenizer))
+        clock["trained"] = time.time()
+        speed = next((h for h in reversed(trainer.state.log_history) if "train_runtime" in h), {})
+        final = {"train_steps_per_second": speed.get("train_steps_per_second"),
+                 "train_samples_per_second": speed.get("train_samples_per_second"),
+                 "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1024**3 if on_cuda else None}
+        if run.predict_heldout:
+            # one pass over the held-out rows serves the table and, in a final run, the features stage
+            model, batch = inference_model(trainer), trainer.args.per_device_eval_batch_size
+            held = embed(spec, tokenizer, model, data.inputs.take(run.heldout_idx), task.multi_label, batch_size=batch)
+            final.update(heldout_report(held[1], data, run))
+            step = handoff.step_in_hand(trainer, select_ds is not None, resumed=bool(checkpoint), attempts=len(fit.specs))
+            if run.features is not None and step is not None:
+                handoff.write(run, data, tokenizer, model, held, step, batch)
+        tracker.summary(end_summary(trainer, final), trainer.state.global_step)
     clock["fn_end"] = time.time()
     context = ray.get_runtime_context() if ray_train else None
     final.update(train_fn_seconds=clock["fn_end"] - started, clock=clock, pid=os.getpid(),
@@ -218,6 +221,34 @@ def report_restored_epochs(checkpoint) -> None:
         for entry in read_history(ckpt_dir):
             if SELECT_METRIC in entry:
                 ray.train.report(entry)
+
+
+def open_tracker(run: FoldRun, ray_train: bool):
+    """The run's trackers (nikl_ray/tracking.py), on rank 0 only, with its parameters logged: what
+    it trains (the backbone spec, sampled values included), on which fold and rows, how."""
+    import ray.train
+
+    from nikl_ray.tracking import Tracker
+
+    if ray_train and ray.train.get_context().get_world_rank() != 0:
+        return Tracker([])
+    spec = run.backbone.model_dump(mode="json", exclude_none=True)
+    params = {"backbone": spec.pop("name"), **spec, "fold": run.fold, "task": run.task.name,
+              "train_rows": len(run.train_idx), "selection_rows": len(run.select_idx), "heldout_rows": len(run.heldout_idx),
+              "device": run.device, "precision": run.precision}
+    return Tracker.open(run.tracking, run.name, os.path.join(run.storage, run.name), params)
+
+
+def end_summary(trainer, final: dict) -> dict:
+    """What a run's trackers keep of its end: the best epoch and its selection score, the held-out scores."""
+    state = trainer.state
+    best = next((h["epoch"] for h in state.log_history if SELECT_METRIC in h and h.get("step") == state.best_global_step),
+                None)
+    out = {"best/epoch": round(best if best is not None else state.epoch or 0), "best/selection_score": state.best_metric}
+    out.update({f"heldout/{k.removeprefix('heldout_')}": v for k, v in final.items() if k.startswith("heldout_")})
+    if "degenerate" in final:
+        out["degenerate"] = final["degenerate"] or "no"
+    return out
 
 
 def load_model(run: FoldRun, tokenizer):
@@ -302,6 +333,13 @@ def trainer_class():
 
     class CheckpointTrainer(Trainer):
         _missing: tuple = ()
+        step_losses = None  # tracking.StepLosses: each micro-batch's loss, for tracking and progress between logs
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if self.step_losses is not None:
+                self.step_losses.add(loss, self.state.global_step)
+            return loss
 
         def _issue_warnings_after_load(self, load_result):
             self._missing = tuple(load_result.missing_keys)
@@ -359,9 +397,10 @@ class FitAttempts:
     run's Ray checkpoint when it has one); `specs` lists each attempt's spec."""
 
     def __init__(self, run: FoldRun, tokenizer, train_ds, select_ds, out_dir: str, checkpoint, ray_train: bool,
-                 on_cuda: bool, started: float):
+                 on_cuda: bool, started: float, tracker):
         self.run, self.tokenizer, self.train_ds, self.select_ds = run, tokenizer, train_ds, select_ds
         self.out_dir, self.checkpoint, self.ray_train, self.on_cuda, self.started = out_dir, checkpoint, ray_train, on_cuda, started
+        self.tracker = tracker
         self.specs: list[BackboneSpec] = []
 
     def __call__(self, spec: BackboneSpec, model):
@@ -380,10 +419,13 @@ class FitAttempts:
         """One attempt's HF Trainer: the run's callbacks, and the trainer `build` makes for the task."""
         from transformers import EarlyStoppingCallback, PrinterCallback
 
-        from nikl_ray.train_callbacks import BestKeptByRay, Progress, RankForRay, ResourceLog
+        from nikl_ray.tracking import StepLosses, untracked
+        from nikl_ray.train_callbacks import BestKeptByRay, Progress, RankForRay, ResourceLog, Track
 
-        run, select = self.run, self.select_ds is not None
-        callbacks = [ResourceLog(self.started, self.on_cuda), Progress(run.name, select)]
+        run, select, target = self.run, self.select_ds is not None, self.run.tracking or untracked()
+        losses = StepLosses(target.log_every_steps)
+        callbacks = [ResourceLog(self.started, self.on_cuda), Track(self.tracker, losses, target.log_every_steps),
+                     Progress(run.name, select, losses, target.progress_seconds, bars=target.progress_bars and self.ray_train)]
         if self.ray_train:
             from ray.train.huggingface.transformers import RayTrainReportCallback
 
@@ -393,6 +435,7 @@ class FitAttempts:
                              BestKeptByRay(run.name, resumed=bool(self.checkpoint))]
         trainer = self.build(spec, model, training_arguments(spec, run, output_dir, select, self.on_cuda), callbacks)
         trainer.remove_callback(PrinterCallback)  # its raw dict per log line; Progress says it once
+        trainer.step_losses = losses
         return trainer
 
     def build(self, spec: BackboneSpec, model, args, callbacks: list):

@@ -206,12 +206,13 @@ def run(exp, data) -> Path:
                    "best_member": member_best, "best_member_score": score[member_best],
                    "retrieval_score": score.get(RETRIEVAL)},
     }
-    from nikl_ray.stages.ensemble import bar_plot
+    from nikl_ray.stages.ensemble import bar_plot, track
 
     files += [write_json(layout.report_json, report), write_text(layout.report, report_markdown(report)),
               bar_plot(score, chosen, candidates, combos, f"Out-of-fold {task.metric}; green: submitted", layout.report_plot)]
     files += write_record(exp, rows, chosen, combos, candidates, table, k, cfg.inner_folds)
     write_manifest(layout.ensemble, inputs=inputs, files=files, code=__name__)
+    track(exp, report, table)
     log.info("ensemble: submitted %s, out-of-fold %s %.4f (best member %s %.4f%s)", chosen, task.metric, score[chosen],
              member_best, score[member_best],
              f", retrieval {score[RETRIEVAL]:.4f}" if RETRIEVAL in score else "")

@@ -28,7 +28,8 @@ from nikl_ray.modes import mode_of
 from nikl_ray.placement import cap_memory
 from nikl_ray.runfiles import final_path
 from nikl_ray.runspec import FoldRun
-from nikl_ray.worker import FitAttempts, inference_model, in_ray_train, report_restored_epochs, run_with_oom_retry
+from nikl_ray.worker import (FitAttempts, end_summary, inference_model, in_ray_train, open_tracker, report_restored_epochs,
+                             run_with_oom_retry)
 
 log = logging.getLogger(__name__)
 SAME_ANSWER_SHARE = 0.9  # a fold model that gives one answer to this share of its held-out questions is degenerate
@@ -67,25 +68,30 @@ def train_qa_fold(config: dict) -> None:
     select_ds = pairs_dataset(tokenizer, prompter, data, run.select_idx, spec, own_item=False) if len(run.select_idx) else None
     judge = SelectionJudge(run, data, prompter, tokenizer) if select_ds is not None and spec.select_by == "score" else None
     model = load_model(run, tokenizer)
-    with tempfile.TemporaryDirectory(prefix="nikl-ray-hf-", ignore_cleanup_errors=True) as out_dir:
-        fit = QAFitAttempts(run, tokenizer, train_ds, select_ds, out_dir, checkpoint, ray_train, on_cuda, started, judge=judge)
-        trainer = run_with_oom_retry(spec, run.fold, run.estimate_gb, model, fit, functools.partial(load_model, run, tokenizer))
-    speed = next((h for h in reversed(trainer.state.log_history) if "train_runtime" in h), {})
-    final = {"train_steps_per_second": speed.get("train_steps_per_second"),
-             "train_samples_per_second": speed.get("train_samples_per_second"), "train_pairs": len(train_ds),
-             "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1024**3 if on_cuda else None}
-    if run.predict_heldout:
-        from nikl_ray.qa.answers import write_handoff
+    with open_tracker(run, ray_train) as tracker:
+        with tempfile.TemporaryDirectory(prefix="nikl-ray-hf-", ignore_cleanup_errors=True) as out_dir:
+            fit = QAFitAttempts(run, tokenizer, train_ds, select_ds, out_dir, checkpoint, ray_train, on_cuda, started, tracker,
+                                judge=judge)
+            trainer = run_with_oom_retry(spec, run.fold, run.estimate_gb, model, fit,
+                                         functools.partial(load_model, run, tokenizer))
+        speed = next((h for h in reversed(trainer.state.log_history) if "train_runtime" in h), {})
+        final = {"train_steps_per_second": speed.get("train_steps_per_second"),
+                 "train_samples_per_second": speed.get("train_samples_per_second"), "train_pairs": len(train_ds),
+                 "peak_gpu_gb": torch.cuda.max_memory_allocated() / 1024**3 if on_cuda else None}
+        if run.predict_heldout:
+            from nikl_ray.qa.answers import write_handoff
 
-        model, batch = inference_model(trainer), trainer.args.per_device_eval_batch_size
-        held_qs = queries(data.ids, data.questions, data.contexts, run.heldout_idx)
-        held = answer_queries(spec, tokenizer, model, prompter, held_qs, batch)
-        final.update(heldout_report(run, data, held_qs, [a[0][0] for a in held]))
-        step = handoff.step_in_hand(trainer, select_ds is not None, resumed=bool(checkpoint), attempts=len(fit.specs))
-        if run.features is not None and step is not None:
-            test_qs = test_queries(data.test_ids, data.test_questions, data.test_contexts, run.features.test_idx)
-            test = answer_queries(spec, tokenizer, model, prompter, test_qs, batch)
-            write_handoff(run.features, {"oof": ([q.id for q in held_qs], held), "test": ([q.id for q in test_qs], test)}, step)
+            model, batch = inference_model(trainer), trainer.args.per_device_eval_batch_size
+            held_qs = queries(data.ids, data.questions, data.contexts, run.heldout_idx)
+            held = answer_queries(spec, tokenizer, model, prompter, held_qs, batch)
+            final.update(heldout_report(run, data, held_qs, [a[0][0] for a in held]))
+            step = handoff.step_in_hand(trainer, select_ds is not None, resumed=bool(checkpoint), attempts=len(fit.specs))
+            if run.features is not None and step is not None:
+                test_qs = test_queries(data.test_ids, data.test_questions, data.test_contexts, run.features.test_idx)
+                test = answer_queries(spec, tokenizer, model, prompter, test_qs, batch)
+                write_handoff(run.features, {"oof": ([q.id for q in held_qs], held), "test": ([q.id for q in test_qs], test)},
+                              step)
+        tracker.summary(end_summary(trainer, final), trainer.state.global_step)
     context = ray.get_runtime_context() if ray_train else None
     final.update(train_fn_seconds=time.time() - started, pid=os.getpid(), node=context.get_node_id() if context else None)
     write_json(final_path(run.storage, run.name), final)

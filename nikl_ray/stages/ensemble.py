@@ -131,6 +131,7 @@ def run(exp: Experiment, data: Inputs) -> Path:
     files += write_record(exp, rows, decision, {n: {"rule": best[n], "params": table[n][best[n]]["params"]} for n in names},
                           candidates_table(report))
     write_manifest(layout.ensemble, inputs=inputs, files=files, code=__name__)
+    track(exp, report, candidates_table(report))
     log.info("ensemble candidates (cross-fitted out-of-fold %s per rule):\n%s\n%s", report["metric"],
              markdown(candidates_table(report)), submitted_line(report))
     return layout.report
@@ -159,6 +160,21 @@ def record_backbone(exp: Experiment, spec) -> dict:
         d["checkpoint"] = path.relative_to(exp.layout.root).as_posix()
         d["checkpoint_in_results"] = True
     return d
+
+
+def track(exp: Experiment, report: dict, table: list[dict]) -> None:
+    """The stage as one tracked run (a new one each time it runs): its settings, every candidate's
+    cross-fitted scores, the submitted choice."""
+    import shutil
+
+    from nikl_ray.tracking import Tracker, target
+
+    shutil.rmtree(exp.layout.ensemble_run, ignore_errors=True)
+    params = {"metric": report["metric"], "members": report["members"], "active_members": report["active_members"],
+              "degenerate": sorted(report["degenerate"]), "ensemble": exp.ensemble.model_dump(mode="json")}
+    with Tracker.open(target(exp, "ensemble"), "ensemble", exp.layout.ensemble_run, params) as tracker:
+        tracker.table("candidates", table)
+        tracker.summary({"submitted": report["chosen"]}, 0)
 
 
 # ---------------------------------------------------------------------------- report

@@ -24,6 +24,7 @@ from nikl_ray.corpus import corpus_hash, pretrain_corpus, split_heldout
 from nikl_ray.pretraining import PretrainRun, pretrain_loop
 from nikl_ray.runfiles import final_path
 from nikl_ray.tables import markdown
+from nikl_ray.tracking import target
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,8 @@ def run(exp: Experiment, backbones: list[str] | None = None) -> dict[str, Path]:
         # DDP needs a card per worker (NCCL does not share one): a whole card each on GPU
         resources = {"CPU": cpus, "GPU": 1} if device.schedule_gpu else {"CPU": cpus}
         run_ = PretrainRun(spec, ray.put(train_texts), ray.put(held), f"{spec.name}-pretrain", str(d), str(layout.pretrained(spec.name)),
-                           workers, device.device, device.precision(spec), resources, exp.resources.max_failures)
+                           workers, device.device, device.precision(spec), resources, exp.resources.max_failures,
+                           target(exp, "pretrain"))
         budget = f"{spec.pretrain.minutes:g} min" if spec.pretrain.minutes else f"{spec.pretrain.steps} steps"
         log.info("pretrain %s: %s (%s) on %d texts (%d held out; %s) for %s with %d worker(s): %s", spec.name,
                  spec.objective, why, len(train_texts), len(held), ", ".join(f"{Path(k).name} {v}" for k, v in

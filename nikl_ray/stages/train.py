@@ -26,6 +26,7 @@ from nikl_ray import handoff
 from nikl_ray.runfiles import HF_CHECKPOINT, read_history
 from nikl_ray.runspec import SELECT_METRIC, FoldRun, answering_positions, final_run, held_out_hash, payload_of
 from nikl_ray.tables import markdown, write_table
+from nikl_ray.tracking import target
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ def run(exp: Experiment, data: Inputs, *, backbones: list[str] | None = None) ->
     answering = answering_positions(data.test, folds["k"])
     test_hash = data.test.data_hash() if data.test is not None else None
     runs, status = [], {}
+    tracking = target(exp, "train")
     for spec in specs:
         for fold in range(folds["k"]):
             why = manifest_problem(layout.pair(spec.name, fold), pair_inputs(exp, spec, fold, folds), __name__)
@@ -76,7 +78,7 @@ def run(exp: Experiment, data: Inputs, *, backbones: list[str] | None = None) ->
             fresh_run_dir(layout.pair(spec.name, fold), pair_inputs(exp, spec, fold, folds), __name__)
             runs.append(final_run(exp, spec, fold, fold_positions(data.rows, folds, fold), payload,
                                   stage.placements[spec.name], stage.device,
-                                  handoff.order(layout, spec.name, fold, answering[fold], test_hash)))
+                                  handoff.order(layout, spec.name, fold, answering[fold], test_hash), tracking))
     failures = []
     metric = task_metric(exp.task)
 

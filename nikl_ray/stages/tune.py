@@ -31,6 +31,7 @@ from nikl_ray.layout import Layout
 from nikl_ray.runspec import SELECT_METRIC, FoldRun, fold_run, held_out_hash, payload_of
 from nikl_ray.search_space import default_space_path, load_search_space, memory_corner
 from nikl_ray.tables import markdown, write_table
+from nikl_ray.tracking import mark_killed, target
 
 log = logging.getLogger(__name__)
 TRIAL_CPU = 0.01  # what a function trial holds while it waits on its Train run
@@ -99,8 +100,10 @@ def run(exp: Experiment, data: Inputs, backbone: str, *, space_path: str | Path 
     # A trial = the function trial (TRIAL_CPU) + its Train worker; together they hold exactly the
     # planned CPUs, else k trials on k CPUs need k·(1+TRIAL_CPU) and a queued worker can starve.
     placement = dataclasses.replace(placement, cpus=max(placement.cpus - TRIAL_CPU, TRIAL_CPU))
+    tracking = target(exp, "tune", search=backbone)
     template = fold_run(exp, spec, fold, fold_positions(data.rows, folds, fold), ray.put(payload_of(data.rows)),
-                        placement, stage.device, name="", storage=str(layout.search_runs(backbone)), predict_heldout=False)
+                        placement, stage.device, name="", storage=str(layout.search_runs(backbone)), predict_heldout=False,
+                        tracking=tracking)
     trainable = tune.with_resources(tune.with_parameters(tune_trial, template=template,
                                                          finished_dir=str(layout.finished_trials(backbone))), {"CPU": TRIAL_CPU})
     if resume:
@@ -126,6 +129,7 @@ def run(exp: Experiment, data: Inputs, backbone: str, *, space_path: str | Path 
                            run_config=tune.RunConfig(name=experiment.name, storage_path=str(experiment.parent), verbose=1))
     start_guardian()  # frees the placement group of each trial ASHA stops
     results = tuner.fit()
+    mark_killed(tracking, [p for p in layout.search_runs(backbone).iterdir() if p.is_dir()])
     best = write_leaderboard(layout, spec, list(space), results, metric)
     write_manifest(out_dir, inputs=inputs, files=[best, layout.leaderboard(backbone)], code=__name__)
     return best
