@@ -8,6 +8,13 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here may need a model hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# Fake credentials in every process of the session (Ray's workers inherit them from this one): the
+# tracking tests look for them in every file a run writes. The trackers run offline: none is used.
+FAKE_SECRETS = {"WANDB_API_KEY": "wandb-fake-key-4e1f0c9a7b", "HF_TOKEN": "hf_fakeToken8c2d5e1a",
+                "MLFLOW_TRACKING_TOKEN": "mlflow-fake-token-93ab1d"}
+os.environ.update(FAKE_SECRETS)
+# every tracker, as users configure them (nikl_ray/tracking.py): what the `trained` fixture and the search test use
+ALL_TRACKERS = ["tensorboard", "mlflow", {"wandb": {"mode": "offline", "project": "nikl-ray-tests"}}]
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 NIKL_DIR = SHARED / "nikl_ea_2023"
@@ -96,8 +103,9 @@ def setup_run(raw: dict) -> tuple:
 @pytest.fixture(scope="session")
 def trained(tmp_path_factory, tiny_backbones, ray_local):
     """Encoder full, GPT-NeoX LoRA and GPT-NeoX QLoRA (pair encoding), two folds each, trained once per
-    session through real Ray Train: (exp, data, train table path). Its data are copies of the demo
-    files in a folder of their own (a test takes them out of reach to show a finished run needs none)."""
+    session through real Ray Train and tracked by every tracker: (exp, data, train table path). Its
+    data are copies of the demo files in a folder of their own (a test takes them out of reach to
+    show a finished run needs none)."""
     import shutil
 
     from nikl_ray.stages import train
@@ -110,6 +118,7 @@ def trained(tmp_path_factory, tiny_backbones, ray_local):
         "results": str(tmp_path_factory.mktemp("results")), "folds": {"k": 2, "seed": 0},
         "defaults": {"epochs": 3, "batch_size": 16, "max_length": 40},
         "ensemble": {"hidden_sizes": [16, 32], "inner_folds": 2, "epochs": 60, "patience": 10},
+        "tracking": {"tensorboard": True, "mlflow": {}, "wandb": ALL_TRACKERS[2]["wandb"], "log_every_steps": 5},
         "backbones": [
             # an encoder too slow to learn anything in 3 epochs: a degenerate member, left out of the ensembles
             {"name": "enc-full", "checkpoint": str(tiny_backbones["electra"]), "mode": "full", "lr": 1e-6},

@@ -90,6 +90,12 @@ def test_pretraining_runs_two_workers_resumes_after_a_kill_and_the_folds_start_f
     assert json.loads((merged / "config.json").read_text())["model_type"] == "gpt_neox"
     assert sorted(p.name for p in merged.glob("rng_state_*.pth")) == ["rng_state_0.pth", "rng_state_1.pth"]
     assert (tmp_path / "res" / "pretrain" / "neox" / "report.md").exists()
+    # rank 0 tracked it (TensorBoard, the default), the killed attempt and the resumed one into the same folder
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    assert len(events.Scalars("train/loss")) >= 3 and events.Scalars("heldout/perplexity")
 
     # the fold models start from the pretrained weights, not from the random init
     spec = open_run(raw).exp.backbones[0]

@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import DEMO_DIR, kill_with_its_ray
+from conftest import ALL_TRACKERS, DEMO_DIR, kill_with_its_ray
 from nikl_ray.config import ConfigError, load_experiment
 from nikl_ray.search_space import load_search_space, memory_corner
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _experiment_file(tmp_path, tiny_backbones, epochs: int = 2, **search) -> Path:
-    cfg = {"task": "nikl-emotion", "train": str(DEMO_DIR / "train.jsonl"), "test": str(DEMO_DIR / "test.jsonl"),
+def _experiment_file(tmp_path, tiny_backbones, epochs: int = 2, tracking=None, **search) -> Path:
+    cfg = {"tracking": tracking, "task": "nikl-emotion", "train": str(DEMO_DIR / "train.jsonl"), "test": str(DEMO_DIR / "test.jsonl"),
            "results": str(tmp_path / "res"), "folds": {"k": 2, "seed": 0},
            "backbones": [{"name": "neox", "checkpoint": str(tiny_backbones["gpt_neox"]), "mode": "lora",
                           "epochs": epochs, "early_stopping_patience": 10, "batch_size": 16, "max_length": 40}],
@@ -81,7 +81,8 @@ def test_a_killed_search_resumes_and_pipeline_with_tune_run_twice_does_its_work_
     """`pipeline --tune` killed during its search; run again, it resumes the search (finished trials
     are kept; ASHA stops a trial that trails at its first rung: trials one at a time, so the seeded
     sampler fixes who reaches each rung first, ranked by selection loss), trains with the tuned
-    values and submits; run a third time, it finds every stage done and does nothing."""
+    values and submits; run a third time, it finds every stage done and does nothing. Every trial is
+    one tracked run, grouped by the search, a resumed one included."""
     import ray
 
     from nikl_ray import open_run, pipeline
@@ -89,7 +90,7 @@ def test_a_killed_search_resumes_and_pipeline_with_tune_run_twice_does_its_work_
     from nikl_ray.status import train_runs
 
     config = _experiment_file(tmp_path, tiny_backbones, epochs=2, num_samples=3, max_concurrent=1, seed=1,
-                              prune_metric="eval_loss", grace_period=1)
+                              prune_metric="eval_loss", grace_period=1, tracking=ALL_TRACKERS)
     search = tmp_path / "res" / "tune" / "neox" / "search"
     cmd = [sys.executable, "-m", "nikl_ray.cli", "pipeline", "--tune", "--config", str(config), "--local", "--num-cpus", "2"]
     # Tune saves its experiment state at most every 10 s by default: every second here, so the kill
@@ -125,6 +126,17 @@ def test_a_killed_search_resumes_and_pipeline_with_tune_run_twice_does_its_work_
     # the dashboard names each trial's Train run by backbone and sampled values
     names = {r["name"] for r in train_runs(api_server())}
     assert any(n.startswith("neox-lora_r=") and ",lr=" in n for n in names), names
+    # one tracked run per trial, under that name, grouped by the search; none left running
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'res' / 'tracking' / 'mlflow.db'}")
+    tracked = client.search_runs([client.get_experiment_by_name("nikl-emotion/tune/neox").experiment_id])
+    trial_runs = sorted(p for p in (search.parent / "train_runs").iterdir() if p.is_dir())
+    assert sorted(r.info.run_name for r in tracked) == [p.name for p in trial_runs]
+    assert all(r.info.status in ("FINISHED", "KILLED") and r.data.params["lora_r"] for r in tracked), tracked
+    for trial in trial_runs:  # (a W&B run file the kill cut short may hold nothing yet; its resumed twin has it all)
+        assert any(b"nikl-emotion/tune/neox" in f.read_bytes()[:32768] for f in trial.glob("wandb/offline-run-*/*.wandb"))
+        assert list(trial.glob("tensorboard/events.*"))
     # the cluster is whole again: no trial's or run's placement group outlived it
     deadline = time.time() + 15  # (the resource view lags the last tasks by a moment)
     while time.time() < deadline and ray.available_resources().get("CPU") != ray.cluster_resources()["CPU"]:
