@@ -231,15 +231,18 @@ class Tracker:
         run_dir.mkdir(parents=True, exist_ok=True)
         ids_path = run_dir / IDS
         ids = json.loads(ids_path.read_text()) if ids_path.exists() else {}
-        sinks = []
-        if target.tensorboard:
-            sinks.append(TensorBoardSink(run_dir / "tensorboard"))
-        if target.mlflow_uri:
-            sinks.append(MlflowSink(target, name, ids.get("mlflow")))
-        if target.wandb:
-            sinks.append(WandbSink(target, name, run_dir, ids.get("wandb")))
-        ids_path.write_text(json.dumps({s.kind: s.run_id for s in sinks if s.run_id}, indent=1))
-        tracker = cls(sinks)
+        tracker = cls([])
+        try:
+            if target.tensorboard:
+                tracker.sinks.append(TensorBoardSink(run_dir / "tensorboard"))
+            if target.mlflow_uri:
+                tracker.sinks.append(MlflowSink(target, name, ids.get("mlflow")))
+            if target.wandb:
+                tracker.sinks.append(WandbSink(target, name, run_dir, ids.get("wandb")))
+        except Exception:
+            tracker.close(failed=True)  # the trackers already opened are not left running
+            raise
+        ids_path.write_text(json.dumps({s.kind: s.run_id for s in tracker.sinks if s.run_id}, indent=1))
         tracker.params(params)
         return tracker
 
@@ -307,10 +310,10 @@ class TensorBoardSink:
         # flushed as often as W&B flushes its run file (15 s): a killed run (a trial ASHA stopped) loses at most that
         self.writer = SummaryWriter(str(log_dir), flush_secs=15)
 
-    def params(self, values: dict) -> None:
+    def params(self, values: dict, tag: str = "params") -> None:
         from nikl_ray.tables import markdown
 
-        self.writer.add_text("params", markdown([{"parameter": k, "value": text_of(v)} for k, v in values.items()]))
+        self.writer.add_text(tag, markdown([{"name": k, "value": text_of(v)} for k, v in values.items()]))
 
     def metrics(self, values: dict, step: int) -> None:
         for k, v in values.items():
@@ -318,7 +321,9 @@ class TensorBoardSink:
 
     def summary(self, values: dict, step: int) -> None:
         self.metrics({k: float(v) for k, v in values.items() if is_number(v)}, step)
-        self.params({k: v for k, v in values.items() if not is_number(v)} or {"-": "-"})
+        words = {k: v for k, v in values.items() if not is_number(v)}
+        if words:
+            self.params(words, tag="summary")
 
     def table(self, name: str, rows: list[dict]) -> None:
         from nikl_ray.tables import markdown
@@ -389,16 +394,12 @@ class WandbSink:
                               id=run_id, resume="allow" if run_id else None,
                               settings=wandb.Settings(silent=True, console="off"))
         self.run_id = self.run.id
-        self.last_step = -1
 
     def params(self, values: dict) -> None:
         self.run.config.update(values, allow_val_change=True)
 
     def metrics(self, values: dict, step: int) -> None:
-        # W&B drops a step below one it has (a resumed run restarts at its checkpoint's step)
-        step = max(step, self.last_step)
         self.run.log(values, step=step)
-        self.last_step = step
 
     def summary(self, values: dict, step: int) -> None:
         self.run.summary.update(values)
