@@ -58,6 +58,8 @@ def pretrain_loop(config: dict) -> None:
     from transformers import (AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling,
                               PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed)
 
+    from nikl_ray.train_callbacks import Track
+
     spec, cfg = run.backbone, run.backbone.pretrain
     rank, world = ray.train.get_context().get_world_rank(), ray.train.get_context().get_world_size()
     set_seed(cfg.seed)
@@ -129,8 +131,6 @@ def pretrain_loop(config: dict) -> None:
         report_to="none", disable_tqdm=True, seed=cfg.seed, data_seed=cfg.seed, use_cpu=not on_cuda,
         bf16=on_cuda and run.precision == "bf16", fp16=on_cuda and run.precision == "fp16",
         ddp_find_unused_parameters=False, dataloader_num_workers=0, include_num_input_tokens_seen="non_padding")
-    from nikl_ray.train_callbacks import Track
-
     params = {"backbone": spec.name, "checkpoint": spec.checkpoint, "objective": spec.objective,
               **{f"pretrain.{k}": v for k, v in cfg.model_dump(mode="json").items() if k != "corpus"},
               "train_texts": len(train_ds), "heldout_texts": len(held_ds), "world_size": world, "device": run.device}

@@ -22,6 +22,7 @@ from nikl_ray.layout import Layout
 from nikl_ray.members import member_names
 from nikl_ray.runfiles import HF_CHECKPOINT, read_history
 from nikl_ray.runspec import SELECT_METRIC
+from nikl_ray.tracking import IDS, mlflow_uri, track_commands
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +88,6 @@ def run_state(run_dir: Path, live: dict | None) -> dict:
 
 def tracked(run_dir: Path) -> dict:
     """Where one run is tracked: its TensorBoard events, W&B run folders, MLflow run id (tracking.py)."""
-    from nikl_ray.tracking import IDS
-
     ids = read_json(run_dir / IDS) if (run_dir / IDS).exists() else {}
     return {"tensorboard": str(run_dir / "tensorboard") if (run_dir / "tensorboard").exists() else None,
             "wandb": [str(p) for p in sorted(run_dir.glob("wandb/offline-run-*"))], "mlflow_run_id": ids.get("mlflow"),
@@ -146,10 +145,7 @@ def run_status(exp: Experiment, *, ray_address: str | None = None) -> dict:
     }
     stages = {name: by_stage[name] for name in layout.stages()}  # in pipeline order
     submission = next((str(p) for p in layout.ensemble.glob("submission.*")), None) if layout.ensemble.exists() else None
-    from nikl_ray.tracking import mlflow_uri, track_command
-
-    tracking = {"trackers": exp.tracking.trackers, "mlflow_uri": mlflow_uri(exp),
-                "commands": track_command(layout.root, exp.tracking, mlflow_uri(exp))}
+    tracking = {"trackers": exp.tracking.trackers, "mlflow_uri": mlflow_uri(exp), "commands": track_commands(exp)}
     return {"results": str(layout.root), "stages": stages, "runs": runs, "searches": searches, "features": features,
             "tracking": tracking,
             "dashboard": address, "dashboard_problem": problem, "submission": submission,

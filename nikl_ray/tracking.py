@@ -187,6 +187,7 @@ def mlflow_experiment(uri: str, name: str, artifacts: Path | None = None) -> str
     """The id of MLflow experiment `name` at `uri`, made if missing (its artifacts beside the database)."""
     from mlflow.tracking import MlflowClient
 
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)  # "Creating initial MLflow database tables..."
     client = MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(name)
     if found is not None:
@@ -440,17 +441,16 @@ class StepLosses:
         return float(sum(float(x) for x in losses) / len(losses)) if losses else None
 
 
-def track_command(results: Path, cfg: TrackingConfig, uri: str | None) -> list[str]:
-    """Where a results root's runs are tracked, each with the command that opens it (`status`, the README)."""
-    lines = []
+def track_commands(exp) -> list[str]:
+    """Where a run's trackers are, each with the command that opens it (`status`, the README)."""
+    cfg, results, uri, lines = exp.tracking, exp.layout.root, mlflow_uri(exp), []
     if cfg.tensorboard:
         lines.append(f"TensorBoard (each run's <run folder>/tensorboard): tensorboard --logdir {results}")
     if uri:
         lines.append(f"MLflow: mlflow ui --backend-store-uri {uri}")
-    if cfg.wandb:
-        if cfg.wandb.mode == "offline":
-            found = len(list(results.glob("**/wandb/offline-run-*")))
-            lines.append(f"W&B offline ({found} run folder(s)): wandb sync $(find {results} -type d -name 'offline-run-*')")
-        else:
-            lines.append(f"W&B: https://wandb.ai/{cfg.wandb.entity or '<entity>'}/{cfg.wandb.project}")
+    if cfg.wandb and cfg.wandb.mode == "offline":
+        found = len(list(results.glob("**/wandb/offline-run-*")))
+        lines.append(f"W&B offline ({found} run folder(s)): wandb sync $(find {results} -type d -name 'offline-run-*')")
+    elif cfg.wandb:
+        lines.append(f"W&B: https://wandb.ai/{cfg.wandb.entity or '<entity>'}/{cfg.wandb.project}")
     return lines
