@@ -13,6 +13,7 @@ submitted candidate answers unless another is asked for (`leaderboard()` lists t
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,28 @@ class FinishedRun:
     def candidates(self) -> list[str]:
         return list(self.record["rules"])
 
+    def warm_up(self) -> float:
+        """Load every model the submitted candidate reads and run each once (what a served replica
+        does before it reports ready: its first request then costs what the next ones do). Returns
+        the seconds it took."""
+        raise NotImplementedError
+
+
+def covering_texts(key_of, choices: dict[str, int]) -> list[str]:
+    """`warm up 0`, `warm up 1`, … : as few as route a row to every fold model and inner fold
+    (`choices`: salt → how many, as runspec.assign routes a key)."""
+    texts, seen = [], {salt: set() for salt in choices}
+    for i in range(100_000):
+        if all(len(seen[salt]) == n for salt, n in choices.items()):
+            break
+        text = f"warm up {i}"
+        routes = {salt: int(assign([key_of(text)], n, salt)[0]) for salt, n in choices.items()}
+        if any(c not in seen[salt] for salt, c in routes.items()):
+            texts.append(text)
+            for salt, c in routes.items():
+                seen[salt].add(c)
+    return texts
+
 
 class Predictor(FinishedRun):
     def __init__(self, layout: Layout, record: dict):
@@ -89,6 +112,13 @@ class Predictor(FinishedRun):
 
             return QAPredictor(layout, record)
         return cls(layout, record)
+
+    def warm_up(self) -> float:
+        t0 = time.time()
+        target = "warm" if self.task.target_field else None
+        texts = covering_texts(lambda t: self.rows_of([t], [target]).keys()[0], {"fold": self.k, "inner": self.inner_folds})
+        self.predict(self.rows_of(texts, [target] * len(texts)))
+        return time.time() - t0
 
     def repeated_words(self) -> set[str]:
         """The words the training text has more than once (select's rarity)."""

@@ -14,7 +14,9 @@ replica's overhead, so one replica answers a row end to end, with no network hop
 the rule (and word highlights with `"explain": true`). A generate (QA) run answers `POST
 /generate` with a body `{"question", "context"?, "candidate"?}` or a list of them: per question
 the answer, the member it came from and every member's candidates. A bad request gets a 4xx
-with the reason; the replica keeps serving.
+with the reason; the replica keeps serving. A replica loads and runs every model it serves
+before it reports ready (Predictor.warm_up): `/health` answers only then, and the first request
+costs what the next ones do.
 """
 
 import logging
@@ -27,6 +29,7 @@ from ray import serve
 log = logging.getLogger(__name__)
 MAX_CHARS = 2000
 MAX_ROWS = 256
+BATCH = 32  # rows per Predictor call, and so the requests a replica takes in at once (Serve wants them to agree)
 
 app = FastAPI(title="nikl-ray")
 
@@ -43,7 +46,7 @@ class Row(BaseModel):
     explain: bool = Field(False, description="Also return each word's effect on the predicted labels.")
 
 
-@serve.deployment(name="nikl-ray")
+@serve.deployment(name="nikl-ray", max_ongoing_requests=BATCH)
 @serve.ingress(app)
 class RunDeployment:
     def __init__(self, results: str):
@@ -52,12 +55,18 @@ class RunDeployment:
         self.predictor = Predictor.load(results)
         self.needs_spans = self.predictor.task.target_field is not None
         self.generates = self.predictor.task.generates
+        self.warm_up_seconds = self.predictor.warm_up()
+        if not self.generates:  # the highlights' code path too
+            from nikl_ray.explain import explain
+
+            explain(self.predictor, "warm up", "warm" if self.needs_spans else None)
+        log.info("replica ready: %s warmed up in %.1f s", results, self.warm_up_seconds)
 
     @app.get("/health")
     def health(self) -> dict:
         p = self.predictor
-        return {"status": "ok", "task": p.task.name, "kind": p.task.kind, "labels": p.task.labels,
-                "candidate": p.candidate, "rule": p.rule}
+        return {"status": "ok", "ready": True, "warm_up_seconds": round(self.warm_up_seconds, 2), "task": p.task.name,
+                "kind": p.task.kind, "labels": p.task.labels, "candidate": p.candidate, "rule": p.rule}
 
     @app.post("/generate")
     async def generate(self, body: Question | list[Question] = Body(...)) -> dict | list[dict]:
@@ -92,7 +101,7 @@ class RunDeployment:
             if not row.target or row.target not in row.text:
                 raise HTTPException(400, f"target {row.target!r} does not occur in the text")
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.01)
+    @serve.batch(max_batch_size=BATCH, max_concurrent_batches=1, batch_wait_timeout_s=0.01)
     async def _answer(self, rows: list[Row]) -> list[dict]:
         p = self.predictor
         return p.answer(p.rows_of([r.text for r in rows], [r.target for r in rows]))

@@ -134,9 +134,11 @@ def test_a_killed_search_resumes_and_pipeline_with_tune_run_twice_does_its_work_
     trial_runs = sorted(p for p in (search.parent / "train_runs").iterdir() if p.is_dir())
     assert sorted(r.info.run_name for r in tracked) == [p.name for p in trial_runs]
     assert all(r.info.status in ("FINISHED", "KILLED") and r.data.params["lora_r"] for r in tracked), tracked
-    for trial in trial_runs:  # (a W&B run file the kill cut short may hold nothing yet; its resumed twin has it all)
-        assert any(b"nikl-emotion/tune/neox" in f.read_bytes()[:32768] for f in trial.glob("wandb/offline-run-*/*.wandb"))
-        assert list(trial.glob("tensorboard/events.*"))
+    status = {r.info.run_name: r.info.status for r in tracked}
+    for trial in trial_runs:  # W&B writes its offline run file every 15 s: a trial ASHA killed sooner left only its header
+        assert list(trial.glob("wandb/offline-run-*/*.wandb")) and list(trial.glob("tensorboard/events.*"))
+        if status[trial.name] == "FINISHED":
+            assert any(b"nikl-emotion/tune/neox" in f.read_bytes()[:32768] for f in trial.glob("wandb/offline-run-*/*.wandb"))
     # the cluster is whole again: no trial's or run's placement group outlived it
     deadline = time.time() + 15  # (the resource view lags the last tasks by a moment)
     while time.time() < deadline and ray.available_resources().get("CPU") != ray.cluster_resources()["CPU"]:

@@ -45,6 +45,43 @@ def served(stacked, tmp_path_factory):
     serve.shutdown()
 
 
+def test_the_first_request_after_start_costs_what_the_next_ones_do(stacked, tmp_path):
+    """A replica loads and runs every model it serves before it says it is ready. Served here: a copy
+    of the run that submits its stack, which reads every active member's fold models and the heads
+    (the fixture's run submits TF-IDF, which loads in no time; unwarmed, this one's first request took
+    4.2 s against 0.03 s for the next). Its own Serve instance, shut down before `served` starts one."""
+    import shutil
+
+    from ray import serve
+
+    from conftest import free_port
+    from nikl_ray.serve import deploy
+
+    copy = tmp_path / "run"
+    shutil.copytree(stacked[0].results, copy)
+    record_path = copy / "ensemble" / "run.json"
+    record = json.loads(record_path.read_text())
+    record["decision"].update(candidate="stack", **record["rules"]["stack"])
+    record_path.write_text(json.dumps(record))
+    url = deploy(copy, port=free_port())
+
+    def seconds(text: str) -> float:
+        t0 = time.perf_counter()
+        status, answer = _post(f"{url}/predict", {"text": text})
+        assert status == 200 and answer["candidate"] == "stack", answer
+        return time.perf_counter() - t0
+
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=30) as answer:
+            health = json.loads(answer.read())
+        first = seconds("처음 보내는 문장이다")
+        after = [seconds(f"그 다음에 보내는 문장 {i}") for i in range(10)]
+    finally:
+        serve.shutdown()
+    assert health["ready"] and health["warm_up_seconds"] > 0 and health["candidate"] == "stack"
+    assert first <= 3 * statistics.median(after), (first, after)
+
+
 @contextlib.contextmanager
 def hidden(*folders):
     """The folders renamed away for the block: whatever reads them fails."""

@@ -12,6 +12,7 @@ candidates.
 from __future__ import annotations
 
 import logging
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -19,7 +20,7 @@ import numpy as np
 from nikl_ray.artifacts import load_manifest, read_json
 from nikl_ray.folds import fold_positions
 from nikl_ray.layout import Layout
-from nikl_ray.predictor import BadRequest, FinishedRun
+from nikl_ray.predictor import BadRequest, FinishedRun, covering_texts
 from nikl_ray.members import RETRIEVAL
 from nikl_ray.qa.data import Query
 from nikl_ray.runspec import assign, question_key
@@ -35,6 +36,11 @@ class QAPredictor(FinishedRun):
                                      answers=items["answers"])
         self.folds = read_json(layout.folds)
         self._judge = None
+
+    def warm_up(self) -> float:
+        t0 = time.time()
+        self.generate(covering_texts(lambda q: question_key(q, None), {"fold": self.k}))
+        return time.time() - t0
 
     def _fold(self, member: str, fold: int):
         """(tokenizer, model, prompter) of a fold model, or the retrieval member's index on that fold."""
