@@ -53,7 +53,11 @@ class PretrainConfig(BaseModel):
                                                                       "mlm for encoders, clm for decoders.")
     minutes: float | None = Field(None, gt=0, description="Wall-clock budget; default 10 when `steps` is not given.")
     steps: int | None = Field(None, ge=1, description="Optimizer steps (instead of minutes).")
-    max_length: int = Field(64, ge=8, le=8192, description="Tokens per text after truncation.")
+    max_length: int = Field(64, ge=8, le=8192, description="Tokens per training row: a block of packed text, or "
+                                                           "one text cut there (packing: false).")
+    packing: bool = Field(True, description="Texts joined by the tokenizer's separator (eos; sep for mlm) and cut "
+                                            "into full max_length blocks, as HF's language-modelling examples do: no "
+                                            "step spent on padding. An epoch is one pass over the corpus's tokens.")
     lr: float = Field(5e-4, gt=0, lt=1)
     batch_size: int = Field(64, ge=1, description="Per worker.")
     mask_probability: float = Field(0.15, gt=0, lt=1, description="mlm: share of tokens masked.")

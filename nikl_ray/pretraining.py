@@ -2,6 +2,7 @@
 
 The one job of the system that is a single large run, so it runs on several data-parallel Ray
 Train workers (TorchTrainer: DDP, gloo on CPU, NCCL on GPU); HF Trainer shards the batches.
+Its rows are full blocks of packed text (`lm_dataset`; `packing: false`, one padded row per text).
 It stops at its step count or time budget (all workers agree on the step: rank 0's clock is
 shared every few steps), checkpoints every `save_every_steps` through Ray's report callback
 (what a killed run resumes from), prints steps/s, tokens/s, loss and perplexity as it goes,
@@ -41,6 +42,29 @@ class PretrainRun:
     tracking: Target | None = None  # where rank 0 logs
 
 
+def lm_dataset(tokenizer, texts: list[str], max_length: int, *, packed: bool, mlm: bool):
+    """The language-modelling rows of `texts`: packed, each text's tokens then the separator (eos;
+    for mlm the encoder's own [CLS] … [SEP]), run together and cut into full `max_length` blocks
+    (HF's `group_texts`; the tail of each thousand texts that fills no block is dropped); or one
+    row per text, cut at `max_length` and padded by the collator."""
+    from datasets import Dataset
+
+    ds = Dataset.from_dict({"text": texts})
+    if not packed:
+        return ds.map(lambda b: tokenizer(b["text"], truncation=True, max_length=max_length), batched=True,
+                      remove_columns=["text"])
+    sep = tokenizer.sep_token_id if mlm else tokenizer.eos_token_id
+
+    def blocks(batch):
+        ids = []
+        for row in tokenizer(batch["text"], add_special_tokens=mlm)["input_ids"]:
+            ids += row if row and row[-1] == sep else row + [sep]
+        chunks = [ids[i:i + max_length] for i in range(0, len(ids) // max_length * max_length, max_length)]
+        return {"input_ids": chunks, "attention_mask": [[1] * max_length for _ in chunks]}
+
+    return ds.map(blocks, batched=True, batch_size=1000, remove_columns=["text"])
+
+
 def pretrain_loop(config: dict) -> None:
     started = time.time()
     from nikl_ray.backbones import quiet_worker
@@ -53,7 +77,6 @@ def pretrain_loop(config: dict) -> None:
     import ray.train
     import torch
     import torch.distributed as dist
-    from datasets import Dataset
     from ray.train.huggingface.transformers import RayTrainReportCallback
     from transformers import (AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling,
                               PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed)
@@ -71,12 +94,9 @@ def pretrain_loop(config: dict) -> None:
     model = (AutoModelForMaskedLM if mlm else AutoModelForCausalLM).from_pretrained(
         spec.checkpoint, trust_remote_code=spec.trust_remote_code)
 
-    def dataset(texts):
-        return Dataset.from_dict({"text": texts}).map(
-            lambda b: tokenizer(b["text"], truncation=True, max_length=cfg.max_length), batched=True, remove_columns=["text"])
-
-    train_ds = dataset(ray.get(run.texts))
-    held_ds = dataset(ray.get(run.heldout))
+    train_ds = lm_dataset(tokenizer, ray.get(run.texts), cfg.max_length, packed=cfg.packing, mlm=mlm)
+    # held out text by text, packed or not: its perplexity is per text, as the folds will read rows
+    held_ds = lm_dataset(tokenizer, ray.get(run.heldout), cfg.max_length, packed=False, mlm=mlm)
     budget = cfg.minutes * 60 if cfg.minutes else None
     every_s = (run.tracking or untracked()).progress_seconds
 
@@ -167,4 +187,7 @@ def pretrain_loop(config: dict) -> None:
             "heldout_perplexity": math.exp(min(eval_loss, 50)) if eval_loss == eval_loss else None,
             "seconds": next((h["pretrain_seconds"] for h in reversed(trainer.state.log_history) if "pretrain_seconds" in h),
                             None),
-            "world_size": world})
+            "world_size": world,
+            # this attempt's trainer.train() (HF's clock: steps, collation, logging, checkpoints)
+            "train_runtime": next((h["train_runtime"] for h in reversed(trainer.state.log_history) if "train_runtime" in h),
+                                  None)})

@@ -31,6 +31,28 @@ def test_the_corpus_reads_jsonl_tsv_and_lines_normalised_deduplicated_and_leaves
     assert len(held) == 10 and not set(train) & set(held) and split_heldout([f"문장 {i}" for i in range(500)], 0.02, 0)[1] == held
 
 
+@pytest.mark.parametrize("kind, mlm", [("gpt_neox", False), ("electra", True)])
+def test_packed_rows_are_full_blocks_of_every_text_and_its_separator_in_order(tiny_backbones, kind, mlm):
+    from transformers import AutoTokenizer
+
+    from nikl_ray.data import read_rows
+    from nikl_ray.pretraining import lm_dataset
+    from nikl_ray.tasks import get_task
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_backbones[kind])
+    texts = read_rows(DEMO_DIR / "train.jsonl", get_task("nikl-emotion")).texts[:300]
+    packed = lm_dataset(tokenizer, texts, 32, packed=True, mlm=mlm)
+    plain = lm_dataset(tokenizer, texts, 32, packed=False, mlm=mlm)
+    sep = tokenizer.sep_token_id if mlm else tokenizer.eos_token_id
+    stream = [t for row in tokenizer(texts, add_special_tokens=mlm)["input_ids"] for t in (row if row[-1] == sep else row + [sep])]
+    blocks = packed["input_ids"]
+    assert all(len(b) == 32 for b in blocks) and len(blocks) == len(stream) // 32  # one batch of texts: one tail dropped
+    assert [t for b in blocks for t in b] == stream[:len(blocks) * 32]
+    assert tokenizer.pad_token_id not in stream
+    # the same tokens in far fewer rows than one padded row per text
+    assert len(blocks) < len(plain) / 3 and sum(map(len, plain["input_ids"])) <= len(stream) + len(texts)
+
+
 def _config(tmp_path, checkpoint: str) -> dict:
     corpus = [str(DEMO_DIR / "train.jsonl"), str(DEMO_DIR / "test.jsonl")]  # the task's test file: left out
     return {"task": "nikl-emotion", "train": str(DEMO_DIR / "train.jsonl"), "test": str(DEMO_DIR / "test.jsonl"),
