@@ -170,7 +170,8 @@ def pretrain_loop(config: dict) -> None:
         else:
             trainer.train()
         eval_loss = trainer.evaluate()["eval_loss"] if len(held_ds) else float("nan")
-        tracker.summary({"heldout/loss": eval_loss, "heldout/perplexity": math.exp(min(eval_loss, 50)),
+        perplexity = math.exp(min(eval_loss, 50)) if eval_loss == eval_loss else None
+        tracker.summary({"heldout/loss": eval_loss, "heldout/perplexity": perplexity,
                          "tokens_seen": trainer.state.num_input_tokens_seen}, trainer.state.global_step)
     mine = {"rank": rank, "world_size": world, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
             "steps": trainer.state.global_step - resumed_from, "seconds": time.time() - started}
@@ -184,7 +185,7 @@ def pretrain_loop(config: dict) -> None:
         write_json(final_path(run.storage, run.name), {
             "steps": trainer.state.global_step, "resumed_from_step": resumed_from, "loss_curve": losses,
             "tokens_seen": trainer.state.num_input_tokens_seen, "heldout_loss": eval_loss,
-            "heldout_perplexity": math.exp(min(eval_loss, 50)) if eval_loss == eval_loss else None,
+            "heldout_perplexity": perplexity,
             "seconds": next((h["pretrain_seconds"] for h in reversed(trainer.state.log_history) if "pretrain_seconds" in h),
                             None),
             "world_size": world,

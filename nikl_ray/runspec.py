@@ -28,6 +28,13 @@ SELECT_METRIC = "eval_score"  # a run's score on its selection slice (decision.s
 CHECKPOINT_RANK = "checkpoint_rank"
 
 
+def best_evaluated(history: list[dict]) -> dict | None:
+    """The evaluated epoch of a run's history with the highest selection score (the first of equals,
+    as HF keeps it), or None without a selection slice."""
+    evals = [h for h in history if SELECT_METRIC in h]
+    return max(evals, key=lambda h: h[SELECT_METRIC]) if evals else None
+
+
 @dataclass(frozen=True)
 class RowsPayload:
     """What workers need of the labelled rows (put into Ray's object store once per stage)."""

@@ -132,6 +132,7 @@ class Target:
     experiment: str  # MLflow experiment, W&B group
     tensorboard: bool
     mlflow_uri: str | None
+    mlflow_experiment_id: str | None
     wandb: dict | None
     log_every_steps: int
     progress_seconds: float
@@ -146,7 +147,7 @@ class Target:
 def untracked() -> Target:
     """Where a run built without a stage's Target logs: nowhere; progress lines as by default."""
     cfg = TrackingConfig()
-    return Target("train", "", False, None, None, cfg.log_every_steps, cfg.progress_seconds, False)
+    return Target("train", "", False, None, None, None, cfg.log_every_steps, cfg.progress_seconds, False)
 
 
 def mlflow_uri(exp) -> str | None:
@@ -170,20 +171,21 @@ def target(exp, stage: str, *, search: str | None = None) -> Target:
 
             raise ConfigError(f"tracking: {name} needs the {module} package: {PACKAGE_HINT}")
     bars = cfg.progress_bars if cfg.progress_bars is not None else sys.stderr.isatty()
-    out = Target(stage, experiment_name(exp, search), cfg.tensorboard, mlflow_uri(exp),
-                 cfg.wandb.model_dump() if cfg.wandb else None, cfg.log_every_steps, cfg.progress_seconds, bars,
-                 {"results": str(exp.layout.root), "stage": stage, "task": exp.task.name})
-    if out.mlflow_uri:
-        if out.mlflow_uri.startswith("sqlite:///"):
+    uri, name = mlflow_uri(exp), experiment_name(exp, search)
+    experiment_id = None
+    if uri:
+        if uri.startswith("sqlite:///"):
             exp.layout.mlflow_db.parent.mkdir(parents=True, exist_ok=True)
-        mlflow_experiment(out.mlflow_uri, out.experiment, exp.layout.mlflow_artifacts)
+        experiment_id = mlflow_experiment(uri, name, exp.layout.mlflow_artifacts)
     if cfg.wandb and cfg.wandb.mode == "online" and not os.environ.get("WANDB_API_KEY"):
         log.warning("tracking: wandb is online but WANDB_API_KEY is not set here: every node's environment needs it "
                     "(or `wandb login` there), else each run fails at its start")
-    return out
+    return Target(stage, name, cfg.tensorboard, uri, experiment_id, cfg.wandb.model_dump() if cfg.wandb else None,
+                  cfg.log_every_steps, cfg.progress_seconds, bars,
+                  {"results": str(exp.layout.root), "stage": stage, "task": exp.task.name})
 
 
-def mlflow_experiment(uri: str, name: str, artifacts: Path | None = None) -> str:
+def mlflow_experiment(uri: str, name: str, artifacts: Path) -> str:
     """The id of MLflow experiment `name` at `uri`, made if missing (its artifacts beside the database)."""
     from mlflow.tracking import MlflowClient
 
@@ -193,8 +195,8 @@ def mlflow_experiment(uri: str, name: str, artifacts: Path | None = None) -> str
     if found is not None:
         return found.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=(artifacts / name).as_uri() if artifacts and
-                                        uri.startswith("sqlite:") else None)
+        return client.create_experiment(name, artifact_location=(artifacts / name).as_uri() if uri.startswith("sqlite:")
+                                        else None)
     except Exception:  # noqa: BLE001 - made meanwhile by another process: read it
         found = client.get_experiment_by_name(name)
         if found is None:
@@ -350,9 +352,8 @@ class MlflowSink:
                 self.run_id = run_id
             except Exception as e:  # noqa: BLE001 - deleted meanwhile: a new run
                 log.info("tracking: MLflow run %s is gone (%s): starting a new one", run_id, e)
-        if self.run_id is None:
-            experiment = mlflow_experiment(target.mlflow_uri, target.experiment)
-            self.run_id = self.client.create_run(experiment, run_name=name, tags=target.tags).info.run_id
+        if self.run_id is None:  # in the experiment the driver made (tracking.target)
+            self.run_id = self.client.create_run(target.mlflow_experiment_id, run_name=name, tags=target.tags).info.run_id
 
     def params(self, values: dict) -> None:
         from mlflow.entities import Param
@@ -438,7 +439,7 @@ class StepLosses:
     def mean(self) -> float | None:
         """The mean loss of the last `window` steps (the current one included), or None before the first."""
         losses = list(self.done) + ([self.current] if self.current is not None else [])
-        return float(sum(float(x) for x in losses) / len(losses)) if losses else None
+        return float(sum(losses) / len(losses)) if losses else None  # one transfer from the device
 
 
 def track_commands(exp) -> list[str]:

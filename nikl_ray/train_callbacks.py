@@ -87,15 +87,17 @@ class Progress(TrainerCallback):
             self.bar.update(state.global_step)
 
     def on_step_end(self, args, state, control, **kw):
-        loss = self.losses.mean()
+        # the recent loss is read only when shown (each read brings the device's losses to the CPU)
+        now = time.time()
         if self.bar is not None:
-            self.bar.set_description(f"{self.run_name} loss {loss:.4f}" if loss is not None else self.run_name)
+            if now - self.last >= 1.0:  # as often as tqdm_ray sends a bar to the driver
+                self.last, loss = now, self.losses.mean()
+                self.bar.set_description(f"{self.run_name} loss {loss:.4f}" if loss is not None else self.run_name)
             self.bar.update(1)
             return
-        now = time.time()
         if now - self.last < self.every_s:
             return
-        self.last = now
+        self.last, loss = now, self.losses.mean()
         done, elapsed = state.global_step - self.step0, max(now - self.t0, 1e-9)
         samples = done * args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
         left = (state.max_steps - state.global_step) * elapsed / max(done, 1)

@@ -31,7 +31,7 @@ from nikl_ray.backbones import BackboneSpec, quiet_worker
 from nikl_ray.modes import mode_of
 from nikl_ray.placement import cap_memory, is_oom
 from nikl_ray.runfiles import HF_CHECKPOINT, final_path, read_history
-from nikl_ray.runspec import SELECT_METRIC, FoldRun
+from nikl_ray.runspec import SELECT_METRIC, FoldRun, best_evaluated
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ def train_fold(config: dict) -> None:
     train_ds, select_ds = make(run.train_idx), make(run.select_idx) if len(run.select_idx) else None
     model = load_model(run, tokenizer)
     clock["model_loaded"] = time.time()
-    with open_tracker(run, ray_train) as tracker:
+    with open_tracker(run) as tracker:
         # fit, retried at half the batch on out-of-memory where the spec allows it; HF Trainer's output
         # folder is gone once training ends: Ray copied each epoch's checkpoint into the run's storage
         with tempfile.TemporaryDirectory(prefix="nikl-ray-hf-", ignore_cleanup_errors=True) as out_dir:
@@ -223,15 +223,11 @@ def report_restored_epochs(checkpoint) -> None:
                 ray.train.report(entry)
 
 
-def open_tracker(run: FoldRun, ray_train: bool):
-    """The run's trackers (nikl_ray/tracking.py), on rank 0 only, with its parameters logged: what
-    it trains (the backbone spec, sampled values included), on which fold and rows, how."""
-    import ray.train
-
+def open_tracker(run: FoldRun):
+    """The run's trackers (nikl_ray/tracking.py; a fold run is one worker, rank 0), with its parameters
+    logged: what it trains (the backbone spec, sampled values included), on which fold and rows, how."""
     from nikl_ray.tracking import Tracker
 
-    if ray_train and ray.train.get_context().get_world_rank() != 0:
-        return Tracker([])
     spec = run.backbone.model_dump(mode="json", exclude_none=True)
     params = {"backbone": spec.pop("name"), **spec, "fold": run.fold, "task": run.task.name,
               "train_rows": len(run.train_idx), "selection_rows": len(run.select_idx), "heldout_rows": len(run.heldout_idx),
@@ -241,10 +237,9 @@ def open_tracker(run: FoldRun, ray_train: bool):
 
 def end_summary(trainer, final: dict) -> dict:
     """What a run's trackers keep of its end: the best epoch and its selection score, the held-out scores."""
-    state = trainer.state
-    best = next((h["epoch"] for h in state.log_history if SELECT_METRIC in h and h.get("step") == state.best_global_step),
-                None)
-    out = {"best/epoch": round(best if best is not None else state.epoch or 0), "best/selection_score": state.best_metric}
+    best = best_evaluated(trainer.state.log_history)  # as the train table reads it
+    out = {"best/epoch": round(best["epoch"] if best else trainer.state.epoch or 0),
+           "best/selection_score": best[SELECT_METRIC] if best else None}
     out.update({f"heldout/{k.removeprefix('heldout_')}": v for k, v in final.items() if k.startswith("heldout_")})
     if "degenerate" in final:
         out["degenerate"] = final["degenerate"] or "no"

@@ -51,6 +51,7 @@ def test_packed_rows_are_full_blocks_of_every_text_and_its_separator_in_order(ti
     assert tokenizer.pad_token_id not in stream
     # the same tokens in far fewer rows than one padded row per text
     assert len(blocks) < len(plain) / 3 and sum(map(len, plain["input_ids"])) <= len(stream) + len(texts)
+    assert len(plain) == len(texts) and max(map(len, plain["input_ids"])) <= 32  # packing: false is one cut row per text
 
 
 def _config(tmp_path, checkpoint: str) -> dict:

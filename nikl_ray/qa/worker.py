@@ -68,7 +68,7 @@ def train_qa_fold(config: dict) -> None:
     select_ds = pairs_dataset(tokenizer, prompter, data, run.select_idx, spec, own_item=False) if len(run.select_idx) else None
     judge = SelectionJudge(run, data, prompter, tokenizer) if select_ds is not None and spec.select_by == "score" else None
     model = load_model(run, tokenizer)
-    with open_tracker(run, ray_train) as tracker:
+    with open_tracker(run) as tracker:
         with tempfile.TemporaryDirectory(prefix="nikl-ray-hf-", ignore_cleanup_errors=True) as out_dir:
             fit = QAFitAttempts(run, tokenizer, train_ds, select_ds, out_dir, checkpoint, ray_train, on_cuda, started, tracker,
                                 judge=judge)

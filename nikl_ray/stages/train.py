@@ -24,7 +24,8 @@ from nikl_ray.inputs import Inputs
 from nikl_ray.metrics import task_metric
 from nikl_ray import handoff
 from nikl_ray.runfiles import HF_CHECKPOINT, read_history
-from nikl_ray.runspec import SELECT_METRIC, FoldRun, answering_positions, final_run, held_out_hash, payload_of
+from nikl_ray.runspec import (SELECT_METRIC, FoldRun, answering_positions, best_evaluated, final_run, held_out_hash,
+                              payload_of)
 from nikl_ray.tables import markdown, write_table
 from nikl_ray.tracking import target
 
@@ -41,7 +42,7 @@ def summarize(run: FoldRun, out: dict) -> dict:
     metric = task_metric(run.task)
     history = read_history(out["latest_checkpoint"])
     evals = [h for h in history if SELECT_METRIC in h]
-    best = max(evals, key=lambda h: h[SELECT_METRIC]) if evals else None
+    best = best_evaluated(history)
     epochs = [h for h in history if "loss" in h and "eval_loss" not in h]
     final = out["metrics"]
     return {"best_epoch": int(round(best["epoch"])) if best else len(epochs), "epochs_run": len(evals) or len(epochs),
@@ -66,8 +67,7 @@ def run(exp: Experiment, data: Inputs, *, backbones: list[str] | None = None) ->
     payload = ray.put(payload_of(data.rows, data.test))
     answering = answering_positions(data.test, folds["k"])
     test_hash = data.test.data_hash() if data.test is not None else None
-    runs, status = [], {}
-    tracking = target(exp, "train")
+    runs, status, tracking = [], {}, None
     for spec in specs:
         for fold in range(folds["k"]):
             why = manifest_problem(layout.pair(spec.name, fold), pair_inputs(exp, spec, fold, folds), __name__)
@@ -76,6 +76,7 @@ def run(exp: Experiment, data: Inputs, *, backbones: list[str] | None = None) ->
                 continue
             log.info("train %s: %s → training", layout.run_name(spec.name, fold), why)
             fresh_run_dir(layout.pair(spec.name, fold), pair_inputs(exp, spec, fold, folds), __name__)
+            tracking = tracking or target(exp, "train")
             runs.append(final_run(exp, spec, fold, fold_positions(data.rows, folds, fold), payload,
                                   stage.placements[spec.name], stage.device,
                                   handoff.order(layout, spec.name, fold, answering[fold], test_hash), tracking))
