@@ -272,7 +272,9 @@ class Tracker:
                 s.table(name, rows)
 
     def close(self, failed: bool = False) -> None:
-        for s in self.sinks:
+        # the last opened first: MLflow's FINISHED comes after W&B has its end (a trial stopped mid-close
+        # stays RUNNING in MLflow, then KILLED, rather than FINISHED with a W&B run that lacks its end)
+        for s in reversed(self.sinks):
             try:
                 s.close(failed)
             except Exception as e:  # noqa: BLE001 - one tracker's failure to close must not lose the run
