@@ -58,7 +58,6 @@ def run(exp: Experiment, data: Inputs, *, backbones: list[str] | None = None) ->
     import ray
 
     from nikl_ray.cluster import plan_stage
-    from nikl_ray.launcher import run_all
 
     layout, folds = exp.layout, data.folds(exp)
     specs = [s for s in exp.backbones if backbones is None or s.name in backbones]
@@ -70,46 +69,65 @@ def run(exp: Experiment, data: Inputs, *, backbones: list[str] | None = None) ->
     runs, status, tracking = [], {}, None
     for spec in specs:
         for fold in range(folds["k"]):
-            why = manifest_problem(layout.pair(spec.name, fold), pair_inputs(exp, spec, fold, folds), __name__)
-            if why is None:
-                status[(spec.name, fold)] = "skipped (done)"
+            inputs = pair_inputs(exp, spec, fold, folds)
+            if manifest_problem(layout.pair(spec.name, fold), inputs, __name__) is None:
+                status[layout.run_name(spec.name, fold)] = "skipped (done)"
                 continue
-            log.info("train %s: %s → training", layout.run_name(spec.name, fold), why)
-            fresh_run_dir(layout.pair(spec.name, fold), pair_inputs(exp, spec, fold, folds), __name__)
             tracking = tracking or target(exp, "train")
-            runs.append(final_run(exp, spec, fold, fold_positions(data.rows, folds, fold), payload,
-                                  stage.placements[spec.name], stage.device,
-                                  handoff.order(layout, spec.name, fold, answering[fold], test_hash), tracking))
+            runs.append((final_run(exp, spec, fold, fold_positions(data.rows, folds, fold), payload,
+                                   stage.placements[spec.name], stage.device,
+                                   handoff.order(layout, spec.name, fold, answering[fold], test_hash), tracking), inputs))
+    failures = fit(runs, lambda r: stage.slots_of(r.backbone.name), status, "train")
+    path = write_summary(exp, specs, folds["k"], status) if len(failures) < len(status) else None
+    if failures:
+        raise RuntimeError("some training runs failed (finished runs are kept; rerun to retry):\n  " + "\n  ".join(failures))
+    return path
+
+
+def fit(runs: list[tuple[FoldRun, dict]], slots_of, status: dict, what: str) -> list[str]:
+    """Train each (run, its inputs) as one Ray Train run, as many at once as the plan's slots allow
+    (a run in a folder made for other inputs starts over; one cut off resumes from its checkpoint).
+    A finished run's manifest vouches for its best checkpoint; `status[run.name]` says how each
+    ended. Returns the failures, one line each (the others' work is kept)."""
+    from nikl_ray.launcher import run_all
+
+    inputs_of = {}
+    for run, inputs in runs:
+        log.info("%s %s: %s → training", what, run.name, manifest_problem(run_dir(run), inputs, __name__))
+        fresh_run_dir(run_dir(run), inputs, __name__)
+        inputs_of[run.name] = inputs
     failures = []
-    metric = task_metric(exp.task)
 
     def done(run: FoldRun, out: dict) -> None:
-        d = layout.pair(run.backbone.name, run.fold)
-        best = Path(out["best_checkpoint"])
+        d, best = run_dir(run), Path(out["best_checkpoint"])
         summary = summarize(run, out)
         vouched = [f for f in (best / HF_CHECKPOINT).iterdir() if f.suffix in (".safetensors", ".json")]
-        write_manifest(d, inputs=pair_inputs(exp, run.backbone, run.fold, folds), files=vouched, code=__name__,
+        write_manifest(d, inputs=inputs_of[run.name], files=vouched, code=__name__,
                        extra={"best_checkpoint": str(best.relative_to(d.resolve()) / HF_CHECKPOINT), **summary})
         (d / "failed.json").unlink(missing_ok=True)
-        status[(run.backbone.name, run.fold)] = "trained"
-        line = (f"train {run.name}: held-out {metric} {summary[f'heldout_{metric}']:.4f} (epoch {summary['best_epoch']} "
-                f"of {summary['epochs_run']}, {out['wall_seconds']:.0f} s)")
+        status[run.name] = "trained"
+        metric = task_metric(run.task)
+        held = summary[f"heldout_{metric}"]
+        line = (f"{what} {run.name}: " + (f"held-out {metric} {held:.4f} " if held is not None else "")
+                + f"(epoch {summary['best_epoch']} of {summary['epochs_run']}, {out['wall_seconds']:.0f} s)")
         if summary["degenerate"]:
             log.warning("%s — DEGENERATE: %s", line, summary["degenerate"])
         else:
             log.info("%s", line)
 
     def failed(run: FoldRun, e: Exception) -> None:
-        write_json(layout.pair(run.backbone.name, run.fold) / "failed.json", {"error": str(e).splitlines()[0][:500]})
+        write_json(run_dir(run) / "failed.json", {"error": str(e).splitlines()[0][:500]})
         failures.append(f"{run.name}: {e}")
-        status[(run.backbone.name, run.fold)] = "failed"
-        log.error("train %s: FAILED: %s", run.name, e)
+        status[run.name] = "failed"
+        log.error("%s %s: FAILED: %s", what, run.name, e)
 
-    run_all(runs, lambda r: stage.slots_of(r.backbone.name), done, failed)
-    path = write_summary(exp, specs, folds["k"], status) if len(failures) < len(status) else None
-    if failures:
-        raise RuntimeError("some training runs failed (finished runs are kept; rerun to retry):\n  " + "\n  ".join(failures))
-    return path
+    run_all([r for r, _ in runs], slots_of, done, failed)
+    return failures
+
+
+def run_dir(run: FoldRun) -> Path:
+    """Where Ray Train keeps the run (its checkpoints) and the stage its manifest."""
+    return Path(run.storage) / run.name
 
 
 def write_summary(exp: Experiment, specs: list[BackboneSpec], k: int, status: dict) -> Path:
@@ -117,13 +135,14 @@ def write_summary(exp: Experiment, specs: list[BackboneSpec], k: int, status: di
     rows = []
     for spec in specs:
         for fold in range(k):
-            if status.get((spec.name, fold), "failed") == "failed":
+            name = exp.layout.run_name(spec.name, fold)
+            if status.get(name, "failed") == "failed":
                 continue
             m = load_manifest(exp.layout.pair(spec.name, fold))
             rows.append({"backbone": spec.name, "fold": fold, "mode": spec.mode, "best_epoch": m["best_epoch"],
                          "epochs_run": m["epochs_run"], "selection score": m.get("selection_score"),
                          f"held-out {metric}": m.get(f"heldout_{metric}"), "wall_seconds": m["wall_seconds"],
-                         "status": status[(spec.name, fold)] + (f" — DEGENERATE: {m['degenerate']}" if m.get("degenerate") else "")})
+                         "status": status[name] + (f" — DEGENERATE: {m['degenerate']}" if m.get("degenerate") else "")})
     if not rows:
         raise RuntimeError("no finished training runs to summarize")
     path = write_table(exp.layout.train_summary, rows)
