@@ -58,15 +58,18 @@ def encode(tokenizer, spec: BackboneSpec, rows: TextRows) -> dict:
     return dict(tokenizer(rows.texts, second, truncation="longest_first", **kw))
 
 
-def to_dataset(tokenizer, spec: BackboneSpec, rows: TextRows, labels: np.ndarray | None = None, multi_label: bool = True):
+def to_dataset(tokenizer, spec: BackboneSpec, rows: TextRows, labels: np.ndarray | None = None, multi_label: bool = True,
+               soft: bool = False):
     """A `datasets.Dataset` of tokenized rows; `labels` ((n, L) 0/1) become float vectors
-    (multi-label, for BCE) or class indices (single-label, for cross-entropy)."""
+    (multi-label, for BCE) or class indices (single-label, for cross-entropy); `soft` labels
+    (probabilities, a student's targets) stay float vectors either way."""
     import datasets
 
     datasets.utils.logging.disable_progress_bar()  # a map over in-memory rows takes well under a second
     columns = {"text": rows.texts, "target": rows.targets, "span": [list(s) if s else None for s in rows.spans]}
     if labels is not None:
-        columns["labels"] = labels.astype(np.float32).tolist() if multi_label else labels.argmax(1).astype(int).tolist()
+        columns["labels"] = (labels.astype(np.float32).tolist() if multi_label or soft
+                             else labels.argmax(1).astype(int).tolist())
 
     def tokenize(batch):
         return encode(tokenizer, spec, TextRows(batch["text"], batch["target"],

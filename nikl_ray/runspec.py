@@ -44,6 +44,9 @@ class RowsPayload:
     labels: np.ndarray
     test_ids: list[str] = field(default_factory=list)  # the unlabelled rows fold models answer for
     test: TextRows | None = None
+    # what the training rows learn from where it is not their labels: a distilled student's soft
+    # targets (the ensemble's probabilities); selection and held-out rows are scored on `labels`
+    targets: np.ndarray | None = None
 
     @classmethod
     def of(cls, rows: Rows, test: Rows | None = None) -> "RowsPayload":

@@ -53,7 +53,9 @@ def loss_function(kind: str, multi_label: bool):
         import torch.nn.functional as F
 
         logits = (outputs["logits"] if isinstance(outputs, dict) else outputs.logits).float()
-        if kind == "ce":
+        if kind == "ce" and labels.ndim == 2:  # soft targets (a student's): HF counts B × L label entries
+            total = F.cross_entropy(logits, labels.float(), reduction="sum") * labels.shape[1]
+        elif kind == "ce":
             total = F.cross_entropy(logits, labels.long(), reduction="sum")
         elif kind == "bce":
             total = F.binary_cross_entropy_with_logits(logits, labels.float(), reduction="sum")
@@ -177,8 +179,10 @@ def train_fold(config: dict) -> None:
     clock = {"fn_start": started}
     # load: the tokenizer, the fold's rows, the model
     tokenizer = load_tokenizer(spec)
-    make = lambda idx: to_dataset(tokenizer, spec, data.inputs.take(idx), data.labels[idx], task.multi_label)  # noqa: E731
-    train_ds, select_ds = make(run.train_idx), make(run.select_idx) if len(run.select_idx) else None
+    soft = data.targets is not None
+    make = lambda idx, y, soft=False: to_dataset(tokenizer, spec, data.inputs.take(idx), y[idx], task.multi_label, soft)  # noqa: E731
+    train_ds = make(run.train_idx, data.targets if soft else data.labels, soft)
+    select_ds = make(run.select_idx, data.labels) if len(run.select_idx) else None
     model = load_model(run, tokenizer)
     clock["model_loaded"] = time.time()
     with open_tracker(run) as tracker:

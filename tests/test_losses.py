@@ -12,7 +12,7 @@ from nikl_ray.tasks import get_task
 from nikl_ray.worker import loss_function
 
 
-def _one_step(spec, rows, labels, multi_label, batch_size, accumulation, loss, out_dir):
+def _one_step(spec, rows, labels, multi_label, batch_size, accumulation, loss, out_dir, soft=False):
     from transformers import DataCollatorWithPadding, Trainer, TrainingArguments, set_seed
 
     set_seed(0)
@@ -25,7 +25,7 @@ def _one_step(spec, rows, labels, multi_label, batch_size, accumulation, loss, o
                              gradient_accumulation_steps=accumulation, learning_rate=1.0, optim="sgd", weight_decay=0.0,
                              max_grad_norm=0.0, lr_scheduler_type="constant", seed=0, data_seed=0, report_to="none",
                              use_cpu=True, disable_tqdm=True, save_strategy="no")
-    Trainer(model=model, args=args, train_dataset=to_dataset(tok, spec, rows, labels, multi_label),
+    Trainer(model=model, args=args, train_dataset=to_dataset(tok, spec, rows, labels, multi_label, soft),
             data_collator=DataCollatorWithPadding(tok), compute_loss_func=loss_function(loss, multi_label)).train()
     return {k: v.detach().clone() for k, v in model.named_parameters()}
 
@@ -47,6 +47,18 @@ def test_accumulating_g_batches_of_b_gives_the_gradient_of_one_batch_of_b_times_
     assert max(float((one[k] - init[k].detach()).abs().max()) for k in one) > 1e-4  # the step did something
     for k in one:
         torch.testing.assert_close(accumulated[k], one[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+def test_a_students_one_hot_soft_targets_step_as_hard_single_label_targets(tiny_backbones, tmp_path):
+    """A single-label student learns probabilities (cross-entropy on soft targets, stages/distill.py):
+    on one-hot targets, accumulated over two batches of 4, its step is the hard labels' one batch of 8."""
+    rows = read_rows(DEMO_DIR / "train.jsonl", get_task("nikl-emotion")).take(range(8))
+    labels = np.eye(2, dtype=np.float32)[np.arange(8) % 2]
+    spec = BackboneSpec(name="e", checkpoint=str(tiny_backbones["electra"]), max_length=24)
+    hard = _one_step(spec, rows.inputs(), labels, False, 8, 1, "ce", tmp_path / "a")
+    soft = _one_step(spec, rows.inputs(), labels, False, 4, 2, "ce", tmp_path / "b", soft=True)
+    for k in hard:
+        torch.testing.assert_close(soft[k], hard[k], rtol=1e-4, atol=1e-6, msg=k)
 
 
 def test_losses_are_means_over_label_entries():
