@@ -21,7 +21,7 @@ os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # name → the module that defines it; imported on first use, so `import nikl_ray` (and `nikl-ray --help`)
 # stays light
 _PUBLIC = {"open_run": "run", "connect": "run", "Run": "run", "split": "api", "pretrain": "api",
-           "tune": "api", "train": "api", "features": "api", "ensemble": "api",
+           "tune": "api", "train": "api", "features": "api", "ensemble": "api", "distill": "api",
            "pipeline": "api", "Predictor": "predictor"}
 __all__ = ["__version__", *_PUBLIC]
 

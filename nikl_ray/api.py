@@ -1,6 +1,6 @@
 """The stages as functions of a Run (nikl_ray.run.open_run), and all of them in order:
 
-    split → (pretrain) → (tune) → train → features → ensemble → submit
+    split → (pretrain) → (tune) → train → features → ensemble → submit  (→ distill, on its own)
 
 Each stage reads the artifacts of the stages before it (through the run's Layout), writes its
 own with a manifest, skips itself when that manifest matches, and resumes when it was cut off.
@@ -80,6 +80,15 @@ def ensemble(run: Run) -> Path:
 
     run = run.build()
     return stage.run(run.exp, run.inputs)
+
+
+def distill(run: Run, *, student: str | None = None, pool: list[str | Path] | None = None) -> Path:
+    """One student trained on the finished ensemble's probabilities, scored out of fold beside it and
+    exported for CPU (its backbone and pool default to the experiment's `distill:`); its report."""
+    from nikl_ray.stages import distill as stage
+
+    run = run.build()
+    return stage.run(run.exp, run.inputs, student=student, pool=[Path(p) for p in pool] if pool else None)
 
 
 class Clock:

@@ -309,16 +309,23 @@ def _load(auto_class, task_type: str, spec: BackboneSpec, tokenizer, precision: 
 def load_trained(spec: BackboneSpec, checkpoint_dir: str | Path, num_labels: int, multi_label: bool, *,
                  precision: str = "fp32"):
     """(tokenizer, model in eval mode) of a trained fold checkpoint: the full model, or base + adapter."""
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForSequenceClassification
 
     quiet_transformers()
-    tokenizer = with_padding_side(spec, AutoTokenizer.from_pretrained(checkpoint_dir))  # saved with its marker tokens
+    tokenizer = trained_tokenizer(spec, checkpoint_dir)
     if mode_of(spec).adapter:
         model = load_for_classification(spec, num_labels, multi_label, tokenizer, precision=precision,
                                         adapter_dir=str(checkpoint_dir))
     else:
         model = AutoModelForSequenceClassification.from_pretrained(checkpoint_dir)
     return tokenizer, model.eval()
+
+
+def trained_tokenizer(spec: BackboneSpec, checkpoint_dir: str | Path):
+    """The tokenizer a fold checkpoint was saved with (its marker tokens included), padding as it trained."""
+    from transformers import AutoTokenizer
+
+    return with_padding_side(spec, AutoTokenizer.from_pretrained(checkpoint_dir))
 
 
 def load_trained_generator(spec: BackboneSpec, checkpoint_dir: str | Path, *, precision: str = "fp32"):

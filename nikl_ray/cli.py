@@ -59,7 +59,7 @@ def _finished(args):
 
     if not (args.results or args.config):
         raise SystemExit("give --results DIR (a finished run's results root) or --config")
-    return Predictor.load(args.results or load_experiment(args.config).results)
+    return Predictor.load(args.results or load_experiment(args.config).results, student=getattr(args, "student", None))
 
 
 def _classifier(args):
@@ -171,6 +171,13 @@ def cmd_ensemble(args) -> int:
     return 0
 
 
+def cmd_distill(args) -> int:
+    from nikl_ray.api import distill
+
+    print(f"student report: {distill(_run(args), student=args.student, pool=args.pool)}")
+    return 0
+
+
 def cmd_pipeline(args) -> int:
     from nikl_ray.api import pipeline
 
@@ -257,7 +264,7 @@ def cmd_serve(args) -> int:
 
     results = _finished(args).layout.root  # fails here, before Ray starts, when there is no finished run
     connect(local=args.local, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
-    serve_run(results, host=args.host, port=args.port, replicas=args.replicas, block=args.local)
+    serve_run(results, host=args.host, port=args.port, replicas=args.replicas, student=args.student, block=args.local)
     return 0
 
 
@@ -289,8 +296,13 @@ def _add_ray(p: argparse.ArgumentParser) -> None:
 
 
 def _add_finished(p: argparse.ArgumentParser) -> None:
+    from nikl_ray.export import FORMS
+
     p.add_argument("--results", help="a finished run's results root (all that is needed)")
     p.add_argument("--config", help="or the experiment YAML whose results root holds the finished run")
+    p.add_argument("--student", nargs="?", const="fp32", choices=FORMS,
+                   help="answer with the run's distilled student alone (`nikl-ray distill`): fp32 (the default), "
+                        "or its int8 or ONNX form, run with onnxruntime")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -342,6 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
     command("features", cmd_features, "out-of-fold and test features of every fold model", _add_run, _add_ray)
     command("ensemble", cmd_ensemble, "train the stacked heads, compare every candidate, write report and submissions",
             _add_run, _add_ray)
+    p = command("distill", cmd_distill, "train one student on the finished ensemble's probabilities (Ray Train), "
+                "score it out of fold beside the ensemble, export it for CPU (ONNX, int8)", _add_run, _add_ray)
+    p.add_argument("--student", help="the backbone the student starts from (default: the experiment's distill.student, "
+                                     "else its first encoder)")
+    p.add_argument("--pool", nargs="+", help="unlabelled rows in the task's format the ensemble labels for the student "
+                                             "(default: the experiment's distill.pool)")
     p = command("pipeline", cmd_pipeline, "split → (pretrain) → (tune) → train → features → ensemble → submit, "
                                           "skipping finished stages", _add_run, _add_ray)
     p.add_argument("--tune", action="store_true", help="search hyper-parameters first for backbones with a search space")

@@ -78,6 +78,17 @@ class EnsembleConfig(BaseModel):
     seed: int = 0
 
 
+class DistillConfig(BaseModel):
+    """`nikl-ray distill`: one student trained on the ensemble's probabilities (nikl_ray/stages/distill.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+    student: str | None = Field(None, description="The backbone (one of `backbones`, as the run trained it) the student "
+                                                  "starts from; default: the first encoder. Trained in full.")
+    overrides: dict[str, Any] = Field({}, description="Backbone keys the student sets for itself (epochs, lr, …).")
+    pool: list[Path] = Field([], description="Unlabelled rows in the task's format that the ensemble labels and the "
+                                             "student also learns from.")
+
+
 class Experiment(BaseModel):
     model_config = ConfigDict(extra="forbid")
     task: TaskSpec = Field(description="A built-in task name or a task mapping.")
@@ -96,6 +107,7 @@ class Experiment(BaseModel):
     ensemble: EnsembleConfig = EnsembleConfig()
     search_spaces: dict[str, Path] = Field({}, description="Backbone name → search space YAML for `tune`.")
     search: SearchConfig = SearchConfig()
+    distill: DistillConfig = DistillConfig()
     tracking: TrackingConfig = Field(TrackingConfig(), description="Where runs are tracked: `none`, `tensorboard` "
                                      "(the default), `mlflow`, `wandb`, a list of them, or a mapping (nikl_ray/tracking.py).")
     pinned: dict[str, list[str]] = Field({}, description="(filled by the reader) keys each backbone sets itself.")
@@ -187,6 +199,8 @@ def parse_experiment(raw: dict, base_dir: str | Path = ".", where: str = "<exper
     # results is an output place: relative to where the command runs, not to the YAML file
     raw["results"] = str(Path(raw.get("results") or "results").expanduser().resolve())
     raw["search_spaces"] = {k: _resolve(base, v) for k, v in (raw.get("search_spaces") or {}).items()}
+    if isinstance(raw.get("distill"), dict) and raw["distill"].get("pool"):
+        raw["distill"] = {**raw["distill"], "pool": [_resolve(base, str(p)) for p in raw["distill"]["pool"]]}
     defaults = raw.pop("defaults", None) or {}
     if not isinstance(defaults, dict):
         raise ConfigError(f"{where}: defaults: expected a mapping")

@@ -11,6 +11,8 @@
                         answers, oof_answers.json / test_answers.json), manifest
       ensemble/         heads, report, decision.json, run.json (the run as trained: what Predictor.load reads),
                         submission, submissions/<candidate>.*; a generate task's answers.* and qa_items.json
+      distill/          the student distilled from the ensemble: runs/ (cross-fitted and served), student.json,
+                        report, oof.npy, pool/ (the pool as the run labelled it), export/ (onnx, int8)
       selection/        rows `nikl-ray select` picked for labelling
       tracking/         mlflow.db and mlflow-artifacts/ (MLflow's default store; tracking.py); TensorBoard
                         events and W&B run folders live in each run's own folder
@@ -132,6 +134,31 @@ class Layout:
         return self.ensemble / "report.md"
 
     @property
+    def ensemble_oof(self) -> Path:
+        """Every candidate's out-of-fold probabilities (`<candidate>.npy`) and their rows (`rows.json`:
+        ids, inner folds): what a distilled student learns from and is compared with."""
+        return self.ensemble / "oof"
+
+    # distill
+    @property
+    def distill(self) -> Path:
+        """The run's distilled student: its Ray Train runs (`runs/`), record, report, CPU forms."""
+        return self.root / "distill"
+
+    @property
+    def student_record(self) -> Path:
+        """What Predictor.load(student=…) reads: the student's backbone, checkpoint, rule, forms."""
+        return self.distill / "student.json"
+
+    @property
+    def student_report(self) -> Path:
+        return self.distill / "report.md"
+
+    @property
+    def student_export(self) -> Path:
+        return self.distill / "export"
+
+    @property
     def decision(self) -> Path:
         return self.ensemble / "decision.json"
 
@@ -199,4 +226,4 @@ class Layout:
     def stages(self) -> dict[str, Path]:
         """Each stage's folder that holds (or whose children hold) its manifests, in pipeline order."""
         return {"split": self.split, "pretrain": self.root / "pretrain", "tune": self.root / "tune", "train": self.train,
-                "features": self.features_root, "ensemble": self.ensemble}
+                "features": self.features_root, "ensemble": self.ensemble, "distill": self.distill}

@@ -99,18 +99,24 @@ class Predictor(FinishedRun):
         self._heads: dict[str, Heads] = {}
 
     @classmethod
-    def load(cls, results: str | Path) -> "Predictor":
+    def load(cls, results: str | Path, *, student: bool | str | None = None) -> "Predictor":
         """The finished run in the results folder `results` (or a Run's); a generate run's is a
-        nikl_ray.qa.predictor.QAPredictor (`generate(questions)` in place of `predict(rows)`)."""
+        nikl_ray.qa.predictor.QAPredictor (`generate(questions)` in place of `predict(rows)`).
+        `student`: answered by its distilled student alone instead (`nikl-ray distill`), in fp32
+        (True) or one of its CPU forms (`"int8"`, `"onnx"`)."""
         layout = Layout(getattr(results, "results", results))
         if not layout.record.exists():
             raise FileNotFoundError(f"no finished run in {layout.root}: {layout.record} is missing "
                                     "(run the pipeline, or its ensemble stage, first)")
         record = read_json(layout.record)
         if record["task"].get("kind") == "generate":
+            if student:
+                raise ValueError("a generate run has no distilled student")
             from nikl_ray.qa.predictor import QAPredictor
 
             return QAPredictor(layout, record)
+        if student:
+            return StudentPredictor(layout, record, "fp32" if student is True else student)
         return cls(layout, record)
 
     def warm_up(self) -> float:
@@ -204,6 +210,70 @@ class Predictor(FinishedRun):
         """({label: probability}, chosen labels) for one sentence."""
         answer = self.answer(self.rows_of([text], [target]))[0]
         return answer["probabilities"], answer["labels"]
+
+
+class StudentPredictor(Predictor):
+    """The finished run answered by its distilled student (nikl_ray/stages/distill.py): one model,
+    in fp32 (torch) or as an onnxruntime session of its int8 or ONNX export, with the rule its
+    cross-fitted scores chose. Rows, answers and errors as the ensemble's, under the candidate
+    `student`; an answer also says which form gave it."""
+
+    CANDIDATE = "student"
+
+    def __init__(self, layout: Layout, record: dict, form: str):
+        from nikl_ray.export import FORMS
+
+        if form not in FORMS:
+            raise ValueError(f"student form {form!r}: one of {list(FORMS)}")
+        if not layout.student_record.exists():
+            raise FileNotFoundError(f"no distilled student in {layout.root}: {layout.student_record} is missing "
+                                    "(run `nikl-ray distill` first)")
+        super().__init__(layout, record)
+        self.student, self.form = read_json(layout.student_record), form
+        self.candidate, self.rule, self.params = self.CANDIDATE, self.student["rule"], self.student["params"]
+        self.spec = _spec(self.student["backbone"], layout)
+        self._loaded = None
+
+    @property
+    def candidates(self) -> list[str]:
+        return [self.CANDIDATE]
+
+    def _model(self):
+        """(tokenizer, torch model or onnxruntime session), loaded once."""
+        if self._loaded is None:
+            checkpoint = self.layout.root / self.student["checkpoint"]
+            if self.form == "fp32":
+                self._loaded = load_trained(self.spec, checkpoint, len(self.task.labels), self.task.multi_label)
+            else:
+                from nikl_ray.backbones import trained_tokenizer
+                from nikl_ray.export import load_session
+
+                made = self.student["exports"][self.form]
+                self._loaded = (trained_tokenizer(self.spec, checkpoint),
+                                load_session(self.layout.distill / made["file"], made["sha256"]))
+        return self._loaded
+
+    def predict(self, rows: TextRows, candidate: str | None = None, *, keys: list[str] | None = None) -> Prediction:
+        """As Predictor.predict; every row is read by the one student (`keys` route nothing)."""
+        if candidate not in (None, self.CANDIDATE):
+            raise BadRequest(f"this run is served by its student: no candidate {candidate!r} (candidates: {self.candidates})")
+        tokenizer, model = self._model()
+        if self.form == "fp32":
+            probs = embed(self.spec, tokenizer, model, rows, self.task.multi_label)[1]
+        else:
+            from nikl_ray.export import onnx_probs
+
+            probs = onnx_probs(model, tokenizer, self.spec, rows, self.task.multi_label)
+        return Prediction(probs, decide(probs, self.rule, self.params), self.CANDIDATE, self.rule)
+
+    def answer(self, rows: TextRows, candidate: str | None = None) -> list[dict]:
+        return [{**a, "student": self.form} for a in super().answer(rows, candidate)]
+
+    def warm_up(self) -> float:
+        t0 = time.time()
+        target = "warm" if self.task.target_field else None
+        self.predict(self.rows_of(["warm up", "warm up a longer row of text"], [target, target]))
+        return time.time() - t0
 
 
 def _spec(d: dict, layout: Layout) -> BackboneSpec:

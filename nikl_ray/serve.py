@@ -8,7 +8,9 @@ on 127.0.0.1 unless configured.
 One deployment holds the whole run (fold models, the TF-IDF member, heads, rule) through the
 Predictor: a row needs exactly one fold model per member and the members are small next to a
 replica's overhead, so one replica answers a row end to end, with no network hop per member;
-`--replicas N` adds copies. Rows from concurrent requests are batched with Serve's own
+`--replicas N` adds copies. With `--student FORM` the run's distilled student answers alone
+(fp32, int8 or ONNX; `nikl-ray distill`), in the same request and response format (each answer
+says `"student": FORM`). Rows from concurrent requests are batched with Serve's own
 `@serve.batch` and answered in one Predictor call. A body is one row `{"text", "target"?,
 "explain"?}` or a list of them; the answer gives per row its labels, per-label probabilities and
 the rule (and word highlights with `"explain": true`). A generate (QA) run answers `POST
@@ -49,10 +51,11 @@ class Row(BaseModel):
 @serve.deployment(name="nikl-ray", max_ongoing_requests=BATCH)
 @serve.ingress(app)
 class RunDeployment:
-    def __init__(self, results: str):
+    def __init__(self, results: str, student: str | None = None):
         from nikl_ray.predictor import Predictor
 
-        self.predictor = Predictor.load(results)
+        self.predictor = Predictor.load(results, student=student)
+        self.student = student
         self.needs_spans = self.predictor.task.target_field is not None
         self.generates = self.predictor.task.generates
         self.warm_up_seconds = self.predictor.warm_up()
@@ -66,7 +69,7 @@ class RunDeployment:
     def health(self) -> dict:
         p = self.predictor
         return {"status": "ok", "ready": True, "warm_up_seconds": round(self.warm_up_seconds, 2), "task": p.task.name,
-                "kind": p.task.kind, "labels": p.task.labels, "candidate": p.candidate, "rule": p.rule}
+                "kind": p.task.kind, "labels": p.task.labels, "candidate": p.candidate, "rule": p.rule, "student": self.student}
 
     @app.post("/generate")
     async def generate(self, body: Question | list[Question] = Body(...)) -> dict | list[dict]:
@@ -127,28 +130,31 @@ class RunDeployment:
         return answers if isinstance(body, list) else answers[0]
 
 
-def deploy(results: str | Path, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1) -> str:
-    """Start Serve's HTTP proxy on host:port and deploy the finished run in `results`; returns its URL."""
+def deploy(results: str | Path, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
+           student: str | None = None) -> str:
+    """Start Serve's HTTP proxy on host:port and deploy the finished run in `results` (answered by its
+    distilled student in form `student`: fp32, int8 or onnx, when given); returns its URL."""
     serve.start(http_options={"host": host, "port": port})
-    serve.run(RunDeployment.options(num_replicas=replicas).bind(str(Path(results).resolve())),
+    serve.run(RunDeployment.options(num_replicas=replicas).bind(str(Path(results).resolve()), student),
               name="nikl-ray", route_prefix="/")
     return f"http://{host}:{port}"
 
 
 def serve_run(results: str | Path, *, host: str = "127.0.0.1", port: int = 8000, replicas: int = 1,
-              block: bool = False) -> str:
+              student: str | None = None, block: bool = False) -> str:
     """Deploy the finished run in `results` on the connected Ray and say where; with `block`, serve until
     Ctrl-C (a local Ray instance lives only as long as the process that started it)."""
     import time
 
-    url = deploy(results, host=host, port=port, replicas=replicas)
+    url = deploy(results, host=host, port=port, replicas=replicas, student=student)
     from nikl_ray.artifacts import read_json
     from nikl_ray.layout import Layout
 
     generates = read_json(Layout(results).record)["task"].get("kind") == "generate"
     route, example = ("generate", '{"question": "도배지가 들뜨는 이유는?"}') if generates else (
         "predict", '{"text": "오늘 영화 너무 좋다", "explain": true}')
-    print(f"serving {Path(results).resolve()} at {url}  (GET {url}/health, POST {url}/{route})")
+    who = f" (its distilled student, {student})" if student else ""
+    print(f"serving {Path(results).resolve()}{who} at {url}  (GET {url}/health, POST {url}/{route})")
     print(f"""  curl -s {url}/{route} -H 'Content-Type: application/json' -d '{example}'""")
     if block:
         try:

@@ -122,6 +122,9 @@ def run_status(exp: Experiment, *, ray_address: str | None = None) -> dict:
     k = exp.folds.k
     runs = {layout.run_name(b.name, f): run_state(layout.pair(b.name, f), live.get(layout.run_name(b.name, f)))
             for b in exp.backbones for f in range(k)}
+    students = layout.distill / "runs"  # a distilled student's Train runs (stages/distill.py), when there are any
+    runs.update({d.name: run_state(d, live.get(d.name)) for d in sorted(students.iterdir()) if d.is_dir()}
+                if students.exists() else {})
     searches = {}
     for name in exp.search_spaces:
         d = layout.tune(name)
@@ -142,6 +145,7 @@ def run_status(exp: Experiment, *, ray_address: str | None = None) -> dict:
         "train": _stage_state([r["state"] for r in runs.values()]),
         "features": _stage_state(list(features.values())) if any(v == "done" for v in features.values()) else "pending",
         "ensemble": "done" if layout.manifest(layout.ensemble).exists() else "pending",
+        "distill": "done" if layout.manifest(layout.distill).exists() else "cut off" if students.exists() else "not run",
     }
     stages = {name: by_stage[name] for name in layout.stages()}  # in pipeline order
     submission = next((str(p) for p in layout.ensemble.glob("submission.*")), None) if layout.ensemble.exists() else None

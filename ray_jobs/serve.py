@@ -18,7 +18,8 @@ from nikl_ray.serve import serve_run  # noqa: E402
 
 def body(predictor, args) -> None:
     nr.connect(local=args.local, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
-    serve_run(predictor.layout.root, host=args.host, port=args.port, replicas=args.replicas, block=args.local)
+    serve_run(predictor.layout.root, host=args.host, port=args.port, replicas=args.replicas, student=args.student,
+              block=args.local)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ def test_status_says_which_stages_are_done_and_which_run_was_cut_off(stacked, tm
     shutil.copytree(exp.results, results)
     (results / "train" / "neox-qlora-fold1" / "manifest.json").unlink()  # killed before it finished
     (results / "ensemble" / "manifest.json").unlink()
+    shutil.rmtree(results / "distill", ignore_errors=True)  # test_distill's student, when it ran first
     raw = {"task": "nikl-emotion", "train": [str(p) for p in exp.train], "test": str(exp.test), "results": str(results),
            "folds": exp.folds.model_dump(), "backbones": [{"name": b.name, "checkpoint": b.checkpoint, "mode": b.mode}
                                                           for b in exp.backbones]}
@@ -25,7 +26,7 @@ def test_status_says_which_stages_are_done_and_which_run_was_cut_off(stacked, tm
     assert code == 0, err
     status = json.loads(out)
     assert status["stages"] == {"split": "done", "pretrain": "not configured", "tune": "not configured", "train": "cut off", "features": "done",
-                                "ensemble": "pending"}
+                                "ensemble": "pending", "distill": "not run"}
     assert status["runs"]["neox-qlora-fold1"]["state"] == "cut off" and status["runs"]["neox-qlora-fold1"]["epochs"] >= 1
     assert all(r["state"] == "done" for n, r in status["runs"].items() if n != "neox-qlora-fold1")
     assert status["runs"]["enc-full-fold0"]["degenerate"] and not status["failed"]

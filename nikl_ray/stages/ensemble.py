@@ -78,7 +78,7 @@ def run(exp: Experiment, data: Inputs) -> Path:
     rule, params = best[chosen], table[chosen][best[chosen]]["params"]
     oof_decisions = crossfit(oof_probs[chosen], y, rule, inner)
 
-    files = []
+    files = save_oof(layout.ensemble_oof, rows.ids, inner, oof_probs)
     test_rates = None
     suffix = task.suffix
     submissions = {}
@@ -135,6 +135,21 @@ def run(exp: Experiment, data: Inputs) -> Path:
     log.info("ensemble candidates (cross-fitted out-of-fold %s per rule):\n%s\n%s", report["metric"],
              markdown(candidates_table(report)), submitted_line(report))
     return layout.report
+
+
+def save_oof(d: Path, ids: list[str], inner: np.ndarray, probs: dict[str, np.ndarray]) -> list[Path]:
+    from nikl_ray.artifacts import save_npy
+
+    return [write_json(d / "rows.json", {"ids": ids, "inner": inner.tolist()})] + [
+        save_npy(d / f"{name}.npy", p) for name, p in probs.items()]
+
+
+def read_oof(d: Path) -> tuple[list[str], np.ndarray, dict[str, np.ndarray]]:
+    """(row ids, inner folds, {candidate: out-of-fold probabilities}) that save_oof wrote."""
+    from nikl_ray.artifacts import read_json
+
+    rows = read_json(d / "rows.json")
+    return rows["ids"], np.asarray(rows["inner"]), {p.stem: np.load(p, allow_pickle=False) for p in sorted(d.glob("*.npy"))}
 
 
 def write_record(exp: Experiment, rows, decision: dict, rules: dict, leaderboard: list[dict]) -> list[Path]:
