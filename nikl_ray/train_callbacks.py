@@ -74,11 +74,11 @@ class Progress(TrainerCallback):
 
     def __init__(self, run_name: str, select: bool, losses, every_s: float = 30.0, bars: bool = False):
         self.run_name, self.select, self.losses, self.every_s, self.bars = run_name, select, losses, every_s, bars
-        self.t0 = self.last = 0.0
+        self.t0 = self.last = self.stepped = 0.0
         self.step0, self.bar = 0, None
 
     def on_train_begin(self, args, state, control, **kw):
-        self.t0 = self.last = time.time()
+        self.t0 = self.last = self.stepped = time.time()
         self.step0 = state.global_step
         if self.bars:
             from ray.experimental.tqdm_ray import tqdm
@@ -95,7 +95,8 @@ class Progress(TrainerCallback):
                 self.bar.set_description(f"{self.run_name} loss {loss:.4f}" if loss is not None else self.run_name)
             self.bar.update(1)
             return
-        if now - self.last < self.every_s:
+        step_s, self.stepped = now - self.stepped, now
+        if now - self.last + step_s < self.every_s:  # a line now when waiting for the next step would be late
             return
         self.last, loss = now, self.losses.mean()
         done, elapsed = state.global_step - self.step0, max(now - self.t0, 1e-9)
