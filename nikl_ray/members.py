@@ -156,7 +156,10 @@ def classical_probs(model: dict, rows: TextRows, multi_label: bool) -> np.ndarra
     """Probabilities (n, L) of a fitted classical model."""
     vec = _vectorizer(model["vocabulary"])
     vec.idf_ = model["idf"]
-    logits = np.asarray(vec.transform(classical_text(rows)) @ model["coef"].T) + model["intercept"]
+    if not len(rows):  # a run without test rows (scikit-learn refuses an empty batch)
+        logits = np.zeros((0, model["coef"].shape[0]))
+    else:
+        logits = np.asarray(vec.transform(classical_text(rows)) @ model["coef"].T) + model["intercept"]
     if multi_label:
         return sigmoid(logits).astype(np.float32)
     if logits.shape[1] == 1:  # scikit-learn's binary model: one logit for class 1
