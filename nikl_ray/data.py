@@ -119,6 +119,8 @@ def _parse_target(record: dict, task: TaskSpec, text: str) -> tuple[str | None, 
     target = _get(record, f"input.{task.target_field}") if task.format == "nikl" else _get(record, task.target_field)
     if target is _MISSING or target is None:
         return None, None, None
+    if isinstance(target, str) and task.format == "jsonl":  # a keyword or aspect: the text need not contain it
+        return (target, first_span(text, target), None) if target else (None, None, None)
     if not isinstance(target, dict):
         return None, None, f"target: expected an object {{form, begin, end}}, got {type(target).__name__}"
     form, begin, end = target.get("form"), target.get("begin"), target.get("end")
@@ -128,6 +130,12 @@ def _parse_target(record: dict, task: TaskSpec, text: str) -> tuple[str | None, 
         return None, None, f"target.form: expected a string or null, got {type(form).__name__}"
     problem = span_problem(text, form, begin, end)
     return (None, None, problem) if problem else (form, (begin, end), None)
+
+
+def first_span(text: str, target: str) -> tuple[int, int] | None:
+    """Where a target given without a span first occurs in its text (None: nowhere)."""
+    begin = text.find(target) if target else -1
+    return (begin, begin + len(target)) if begin >= 0 else None
 
 
 def span_problem(text: str, form: str, begin, end) -> str | None:

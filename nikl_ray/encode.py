@@ -2,8 +2,9 @@
 
 - inline:  `…<t1>target<t2>…` at the target's own position (`[begin:end]`), so a target that
            occurs twice in the text is still the one meant; a row without a target gets
-           `<t1><t2>` at the start. A row too long for `max_length` keeps a window of the text
-           centred on the span, so the target is never cut away.
+           `<t1><t2>` at the start, and a target its text does not contain `<t1>target<t2>` at the
+           start. A row too long for `max_length` keeps a window of the text centred on the span,
+           so the target is never cut away.
 - markers: `{text}` + `<t1>{target}<t2>` as a second segment (an empty span without a target).
 - pair:    (text, target) as a sentence pair.
 - none:    the text alone.
@@ -20,9 +21,9 @@ from nikl_ray.backbones import MARKERS, BackboneSpec
 from nikl_ray.data import TextRows
 
 
-def inline_text(text: str, span: tuple[int, int] | None) -> str:
-    if span is None:
-        return f"{MARKERS[0]}{MARKERS[1]}{text}"
+def inline_text(text: str, span: tuple[int, int] | None, target: str | None = None) -> str:
+    if span is None:  # no target, or one the text does not contain (a keyword): marked ahead of the text
+        return f"{MARKERS[0]}{target or ''}{MARKERS[1]}{text}"
     b, e = span
     return f"{text[:b]}{MARKERS[0]}{text[b:e]}{MARKERS[1]}{text[e:]}"
 
@@ -48,7 +49,7 @@ def encode(tokenizer, spec: BackboneSpec, rows: TextRows) -> dict:
     if spec.target_encoding == "none":
         return dict(tokenizer(rows.texts, truncation=True, **kw))
     if spec.target_encoding == "inline":
-        texts = [inline_text(t, s) for t, s in zip(rows.texts, rows.spans)]
+        texts = [inline_text(t, s, g) for t, s, g in zip(rows.texts, rows.spans, rows.targets)]
         texts = [_centred_window(tokenizer, t, spec.max_length) for t in texts]
         return dict(tokenizer(texts, truncation=True, **kw))
     if spec.target_encoding == "markers":

@@ -65,8 +65,9 @@ class Explanation:
                 f'<p class="text">{html.escape(self.text)}</p>\n{body}\n</body></html>\n')
 
 
-def explain(predictor, text: str, target: str | None = None) -> Explanation:
-    rows = predictor.rows_of([text], [target])
+def explain(predictor, text: str, target: str | None = None, *, in_text: bool = True) -> Explanation:
+    """Each word's effect on the labels `predictor` gives `text` (`in_text`: as Predictor.rows_of)."""
+    rows = predictor.rows_of([text], [target], in_text=in_text)
     span = rows.spans[0]
     words = [(m.start(), m.end()) for m in re.finditer(r"\S+", text)]
     removable = [i for i, (b, e) in enumerate(words) if not (span and b < span[1] and e > span[0])]

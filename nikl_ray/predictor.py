@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from nikl_ray.artifacts import load_manifest, read_json
 from nikl_ray.backbones import BackboneSpec, load_trained
-from nikl_ray.data import TextRows
+from nikl_ray.data import TextRows, first_span
 from nikl_ray.decision import decide, thresholds
 from nikl_ray.layout import Layout
 from nikl_ray.members import CLASSICAL, classical_probs, embed, load_classical
@@ -195,15 +195,16 @@ class Predictor(FinishedRun):
         return [lab for lab, d in zip(self.task.labels, out.decisions[i]) if d]
 
     @staticmethod
-    def rows_of(texts: list[str], targets: list[str | None] | None = None) -> TextRows:
-        """Rows from raw sentences; a target's first occurrence in its text is its span."""
+    def rows_of(texts: list[str], targets: list[str | None] | None = None, *, in_text: bool = True) -> TextRows:
+        """Rows from raw sentences; a target's first occurrence in its text is its span. With
+        `in_text=False` a target the text does not contain (a keyword) is read without a span."""
         targets = targets or [None] * len(texts)
         spans = []
         for text, target in zip(texts, targets):
-            begin = text.find(target) if target else -1
-            if target and begin < 0:
+            span = first_span(text, target) if target else None
+            if target and span is None and in_text:
                 raise BadRequest(f"the target {target!r} does not occur in the text")
-            spans.append((begin, begin + len(target)) if target else None)
+            spans.append(span)
         return TextRows(list(texts), [t or None for t in targets], spans)
 
     def predict_text(self, text: str, target: str | None = None) -> tuple[dict[str, float], list[str]]:

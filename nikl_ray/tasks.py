@@ -49,7 +49,8 @@ class TaskSpec(BaseModel):
     id_field: str = Field("id", description="Field (or tsv column) holding the row id.")
     text_field: str = Field("text", description="Field holding the text (tsv: column name).")
     target_field: str | None = Field(None, description="Field holding an optional target span "
-                                                       "object {form, begin, end}; None if the task has none.")
+                                                       "object {form, begin, end} (jsonl: or a plain string, a "
+                                                       "keyword the text need not contain); None if the task has none.")
     label_field: str = Field("labels", description="Field (or tsv column) holding the labels.")
     # generate tasks
     question_fields: list[str] = Field(["question"], description="generate: fields (csv columns) holding a question's "
