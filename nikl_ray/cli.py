@@ -262,9 +262,16 @@ def cmd_serve(args) -> int:
     from nikl_ray.run import connect
     from nikl_ray.serve import serve_run
 
-    results = _finished(args).layout.root  # fails here, before Ray starts, when there is no finished run
+    if args.chain:  # fails here, before Ray starts, when the runs are not finished or do not compose
+        from nikl_ray.chain import Chain
+
+        Chain.load(*args.chain, student=args.student)
+        results = None
+    else:
+        results = _finished(args).layout.root
     connect(local=args.local, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
-    serve_run(results, host=args.host, port=args.port, replicas=args.replicas, student=args.student, block=args.local)
+    serve_run(results, host=args.host, port=args.port, replicas=args.replicas, student=args.student,
+              chain=args.chain, block=args.local)
     return 0
 
 
@@ -272,6 +279,9 @@ def serve_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     p.add_argument("--port", type=int, default=8000, help="HTTP port (default 8000)")
     p.add_argument("--replicas", type=int, default=1, help="copies of the deployment (default 1)")
+    p.add_argument("--chain", nargs=2, metavar=("KEYWORD_RESULTS", "SENTIMENT_RESULTS"),
+                   help="serve a keyword run and a sentiment run of (review, keyword) pairs as one endpoint "
+                        "(each predicted keyword with its sentiment) instead of --results")
 
 
 def cmd_status(args) -> int:
@@ -401,11 +411,14 @@ def _exit_code(fn, args) -> int:
     from nikl_ray.config import ConfigError
     from nikl_ray.data import DataError
     from nikl_ray.placement import PlacementError
+    from nikl_ray.chain import ChainError
+    from nikl_ray.export import ExportError
     from nikl_ray.predictor import BadRequest
 
     try:
         return fn(args)
-    except (ConfigError, DataError, PlacementError, StorageError, FileNotFoundError, BadRequest) as e:
+    except (ConfigError, DataError, PlacementError, StorageError, FileNotFoundError, BadRequest, ChainError,
+            ExportError) as e:
         log.error("%s", e)
         return 2
 
