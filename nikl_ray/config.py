@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -97,9 +97,11 @@ class Experiment(BaseModel):
     results: Path = Field(Path("results"), description="Results root.")
     folds: FoldsConfig = FoldsConfig()
     backbones: list[BackboneSpec] = Field(min_length=1)
-    classical: bool = Field(True, description="Add the classical member: char n-gram TF-IDF + logistic regression "
-                                              "(classify tasks), or TF-IDF retrieval of the nearest training question's "
-                                              "answer (generate tasks).")
+    classical: bool | list[Literal["tfidf-lr", "tfidf-wc-lr", "nbsvm"]] = Field(
+        True, description="Classical members, each cross-fitted like a backbone (nikl_ray/members.py): true is "
+                          "char n-gram TF-IDF + logistic regression (classify tasks), or TF-IDF retrieval of the "
+                          "nearest training question's answer (generate tasks); a list names classify members: "
+                          "tfidf-lr, tfidf-wc-lr (word and char n-grams), nbsvm (NB-SVM, calibrated).")
     retrieval_items: int = Field(5, ge=1, le=50, description="generate tasks: the retrieval member's candidates for MBR "
                                                              "are the references of this many nearest training items "
                                                              "(its own answer: the nearest one's first).")
@@ -130,6 +132,11 @@ class Experiment(BaseModel):
     def _losses_fit_the_task(self) -> "Experiment":
         if self.task.generates:
             return self._generate_backbones()
+        if isinstance(self.classical, list):
+            clash = sorted(set(self.classical) & {b.name for b in self.backbones})
+            if clash or len(set(self.classical)) < len(self.classical):
+                raise ValueError(f"classical: {self.classical}: each member once, and no backbone of the same name "
+                                 f"({clash or 'listed twice'})")
         for b in self.backbones:
             if mode_of(b).generate_only or b.retrieve:
                 raise ValueError(f"backbone {b.name}: {'mode ' + b.mode if mode_of(b).generate_only else 'retrieve'} is "
@@ -144,6 +151,9 @@ class Experiment(BaseModel):
 
     def _generate_backbones(self) -> "Experiment":
         """A generate task's backbones are causal LMs that read the prompt as it is (no target markers)."""
+        if isinstance(self.classical, list):
+            raise ValueError(f"classical: {self.classical} are classify members; a generate task's classical member "
+                             "is retrieval (classical: true or false)")
         for b in self.backbones:
             if b.family != "decoder":
                 raise ValueError(f"backbone {b.name}: a generate task needs a decoder (causal LM); {b.checkpoint} is an encoder")

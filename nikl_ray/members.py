@@ -3,10 +3,15 @@
 - A neural member is a backbone: each fold model gives, per row, its probabilities and its
   pooled last hidden state (the first token for encoders, the last real token for decoders,
   under left and right padding alike).
-- The classical member `tfidf-lr`: character 1–4-gram TF-IDF + one logistic regression per
-  label (scikit-learn), fitted per fold. A label with no positive (or no negative) row in a
-  fold's training part gets a constant model. It is kept as a JSON vocabulary + `.npy` arrays,
-  never pickled.
+- The classical members (scikit-learn), fitted per fold on its training part:
+  `tfidf-lr`      character 1–4-gram TF-IDF + one logistic regression per label;
+  `tfidf-wc-lr`   character 1–4-grams and word 1–2-grams together, logistic regression;
+  `nbsvm`         NB-SVM (Wang & Manning 2012): binary character 1–5-gram features scaled by
+                  each label's log-count ratio, a linear SVM, its scores made probabilities by
+                  Platt scaling fitted on 3-fold cross-validated scores of the training part.
+  Each is one linear model per label over its features (NB-SVM's ratio and Platt's slope fold
+  into its weights), kept as JSON vocabularies + `.npy` arrays, never pickled. A label with
+  no positive (or no negative) row in a fold's training part gets a constant model.
 
 The features stage and the Predictor both use these, so a row is read the same way in both.
 """
@@ -26,14 +31,26 @@ from nikl_ray.metrics import sigmoid, to_probs
 from nikl_ray.modes import mode_of
 
 log = logging.getLogger(__name__)
-CLASSICAL = "tfidf-lr"
+# a classical member's n-gram views (analyzer → n-gram range), their weighting and its classifier;
+# NB-SVM's binary 1–5-grams and C were chosen on NSMC-like rows 100k–112k, which no benchmark scores
+CLASSICAL = {"tfidf-lr": ({"char_wb": (1, 4)}, "tfidf", "lr"),
+             "tfidf-wc-lr": ({"char_wb": (1, 4), "word": (1, 2)}, "tfidf", "lr"),
+             "nbsvm": ({"char_wb": (1, 5)}, "binary", "nbsvm")}
 RETRIEVAL = "retrieval"  # a generate task's classical member (nikl_ray/qa/answers.py)
 
 
 def member_names(exp) -> list[str]:
-    """The experiment's members: its backbones, then the classical member when enabled (TF-IDF +
-    logistic regression, or a generate task's retrieval member)."""
-    return [b.name for b in exp.backbones] + ([RETRIEVAL if exp.task.generates else CLASSICAL] if exp.classical else [])
+    """The experiment's members: its backbones, then its classical members (`classical: true` is
+    TF-IDF + logistic regression alone; a generate task's is the retrieval member)."""
+    return [b.name for b in exp.backbones] + classical_names(exp)
+
+
+def classical_names(exp) -> list[str]:
+    if not exp.classical:
+        return []
+    if exp.task.generates:
+        return [RETRIEVAL]
+    return ["tfidf-lr"] if exp.classical is True else list(exp.classical)
 
 
 # ---------------------------------------------------------------------------- neural members
@@ -116,70 +133,129 @@ def read_features(d: Path) -> dict:
     return out
 
 
-# ---------------------------------------------------------------------------- classical member
+# ---------------------------------------------------------------------------- classical members
 def classical_text(rows: TextRows) -> list[str]:
     return [f"{t} | {g}" if g else t for t, g in zip(rows.texts, rows.targets)]
 
 
-def _vectorizer(vocabulary: dict | None = None):
-    from sklearn.feature_extraction.text import TfidfVectorizer
+def _vectorizer(analyzer: str, ngrams: tuple[int, int], weighting: str, vocabulary: dict | None = None):
+    from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
 
-    return TfidfVectorizer(analyzer="char_wb", ngram_range=(1, 4), min_df=2, sublinear_tf=True, max_features=300_000,
-                           vocabulary=vocabulary)
+    # one-character words count in Korean (꼭, 왜, 잘): the default word pattern drops them
+    kw = dict(analyzer=analyzer, ngram_range=tuple(ngrams), min_df=2, max_features=300_000, vocabulary=vocabulary,
+              **({"token_pattern": r"(?u)\b\w+\b"} if analyzer == "word" else {}))
+    return TfidfVectorizer(sublinear_tf=True, **kw) if weighting == "tfidf" else CountVectorizer(binary=True, **kw)
 
 
-def fit_classical(rows: TextRows, labels: np.ndarray, multi_label: bool) -> dict:
-    """{vocabulary, idf, coef (L', d), intercept (L',)}: one logistic regression per label (multi-label),
-    one multinomial model (single-label; binary as one logit)."""
+def _features(vectorizers: dict, texts: list[str]):
+    from scipy.sparse import hstack
+
+    return hstack([v.transform(texts) for v in vectorizers.values()], format="csr")
+
+
+def _constant(y: np.ndarray) -> float:
+    rate = np.clip(y.mean(), 1e-4, 1 - 1e-4)
+    return float(np.log(rate / (1 - rate)))
+
+
+def _nbsvm(x, y: np.ndarray) -> tuple[np.ndarray, float]:
+    """(weights, bias) of NB-SVM's calibrated log-odds for one binary label: a linear SVM on features
+    scaled by the log-count ratio r, Platt's sigmoid fitted on 3-fold cross-validated SVM scores."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.svm import LinearSVC
+
+    p, q = 1 + np.asarray(x[y].sum(0)).ravel(), 1 + np.asarray(x[~y].sum(0)).ravel()
+    r = np.log((p / p.sum()) / (q / q.sum())).astype(np.float32)
+    xr = x.multiply(r).tocsr()
+    svm = LinearSVC(C=0.01, max_iter=5000, random_state=0)
+    scores = cross_val_predict(svm, xr, y, cv=StratifiedKFold(3, shuffle=True, random_state=0),
+                               method="decision_function")
+    platt = LogisticRegression(C=1e4).fit(scores[:, None], y)
+    a, b = float(platt.coef_[0, 0]), float(platt.intercept_[0])
+    svm.fit(xr, y)
+    return a * svm.coef_[0] * r, a * float(svm.intercept_[0]) + b
+
+
+def _binary(x, y: np.ndarray, classifier: str) -> tuple[np.ndarray, float]:
+    """(weights, bias) of one label's log-odds; a constant when a class has under 3 rows (NB-SVM's
+    calibration folds need 3) or none (logistic regression)."""
     from sklearn.linear_model import LogisticRegression
 
-    vec = _vectorizer()
-    x = vec.fit_transform(classical_text(rows))
-    if multi_label:
-        coef, intercept = np.zeros((labels.shape[1], x.shape[1]), np.float32), np.zeros(labels.shape[1], np.float32)
-        for j in range(labels.shape[1]):
-            y = labels[:, j] > 0
-            if y.all() or not y.any():  # no positive (or no negative) row in this fold: a constant model
-                rate = np.clip(y.mean(), 1e-4, 1 - 1e-4)
-                intercept[j] = np.log(rate / (1 - rate))
-                continue
-            clf = LogisticRegression(C=4.0, max_iter=2000, solver="liblinear").fit(x, y)
-            coef[j], intercept[j] = clf.coef_[0], clf.intercept_[0]
+    fewest = min(y.sum(), (~y).sum())
+    if fewest < (3 if classifier == "nbsvm" else 1):
+        return np.zeros(x.shape[1], np.float32), _constant(y)
+    if classifier == "nbsvm":
+        return _nbsvm(x, y)
+    clf = LogisticRegression(C=4.0, max_iter=2000, solver="liblinear", random_state=0).fit(x, y)
+    return clf.coef_[0], float(clf.intercept_[0])
+
+
+def fit_classical(rows: TextRows, labels: np.ndarray, multi_label: bool, name: str = "tfidf-lr") -> dict:
+    """{name, vocabularies, idf, coef (L', d), intercept (L',), link}: one binary model per label
+    (multi-label; single-label NB-SVM one-vs-rest, link "ovr"), or one multinomial logistic
+    regression (single-label; binary as one logit, link "softmax")."""
+    from sklearn.linear_model import LogisticRegression
+
+    views, weighting, classifier = CLASSICAL[name]
+    vectorizers = {a: _vectorizer(a, n, weighting) for a, n in views.items()}
+    texts = classical_text(rows)
+    for v in vectorizers.values():
+        v.fit(texts)
+    x = _features(vectorizers, texts)
+    link = "ovr" if multi_label or classifier == "nbsvm" else "softmax"
+    if link == "ovr":
+        columns = [labels[:, j] > 0 for j in range(labels.shape[1])]
+        if not multi_label and labels.shape[1] == 2:  # binary single-label: one model, for class 1
+            columns = columns[1:]
+        fitted = [_binary(x, y, classifier) for y in columns]
+        coef = np.stack([w for w, _ in fitted]).astype(np.float32)
+        intercept = np.array([b for _, b in fitted], np.float32)
     else:
         clf = LogisticRegression(C=4.0, max_iter=2000).fit(x, labels.argmax(1))
         coef, intercept = clf.coef_.astype(np.float32), clf.intercept_.astype(np.float32)
-    return {"vocabulary": {t: int(i) for t, i in vec.vocabulary_.items()}, "idf": vec.idf_.astype(np.float32),
+    idf = [v.idf_ for v in vectorizers.values()] if weighting == "tfidf" else [np.zeros(0)]
+    return {"name": name, "link": link, "idf": np.concatenate(idf).astype(np.float32),
+            "vocabularies": {a: {t: int(i) for t, i in v.vocabulary_.items()} for a, v in vectorizers.items()},
             "coef": coef, "intercept": intercept}
 
 
 def classical_probs(model: dict, rows: TextRows, multi_label: bool) -> np.ndarray:
     """Probabilities (n, L) of a fitted classical model."""
-    vec = _vectorizer(model["vocabulary"])
-    vec.idf_ = model["idf"]
     if not len(rows):  # a run without test rows (scikit-learn refuses an empty batch)
-        logits = np.zeros((0, model["coef"].shape[0]))
-    else:
-        logits = np.asarray(vec.transform(classical_text(rows)) @ model["coef"].T) + model["intercept"]
+        return np.zeros((0, len(model["intercept"]) if multi_label or len(model["intercept"]) > 1 else 2), np.float32)
+    views, weighting, _ = CLASSICAL[model["name"]]
+    vectorizers, start = {}, 0
+    for analyzer, vocabulary in model["vocabularies"].items():
+        v = vectorizers[analyzer] = _vectorizer(analyzer, views[analyzer], weighting, vocabulary)
+        if weighting == "tfidf":  # the views' idf weights, in view order
+            v.idf_, start = model["idf"][start:start + len(vocabulary)], start + len(vocabulary)
+    logits = np.asarray(_features(vectorizers, classical_text(rows)) @ model["coef"].T) + model["intercept"]
     if multi_label:
         return sigmoid(logits).astype(np.float32)
-    if logits.shape[1] == 1:  # scikit-learn's binary model: one logit for class 1
+    if logits.shape[1] == 1:  # a binary model: one logit for class 1
         p1 = sigmoid(logits[:, 0])
         return np.stack([1 - p1, p1], axis=1).astype(np.float32)
+    if model["link"] == "ovr":  # one-vs-rest probabilities, normalised
+        p = sigmoid(logits)
+        return (p / p.sum(1, keepdims=True)).astype(np.float32)
     return to_probs(logits, False).astype(np.float32)
 
 
 def save_classical(d: Path, model: dict) -> list[Path]:
     from nikl_ray.artifacts import save_npy, write_json
 
-    return [write_json(d / "model_vocabulary.json", model["vocabulary"])] + [
+    return [write_json(d / "model.json", {k: model[k] for k in ("name", "link", "vocabularies")})] + [
         save_npy(d / f"model_{k}.npy", model[k]) for k in ("idf", "coef", "intercept")]
 
 
 def load_classical(d: Path) -> dict:
     model = {k: np.load(d / f"model_{k}.npy", allow_pickle=False) for k in ("idf", "coef", "intercept")}
-    model["vocabulary"] = json.loads((d / "model_vocabulary.json").read_text(encoding="utf-8"))
-    return model
-
+    if (d / "model.json").exists():
+        return model | json.loads((d / "model.json").read_text(encoding="utf-8"))
+    # a run made before the word views: a character TF-IDF + logistic regression, its vocabulary alone
+    vocabulary = json.loads((d / "model_vocabulary.json").read_text(encoding="utf-8"))
+    return model | {"name": "tfidf-lr", "link": "softmax", "vocabularies": {"char_wb": vocabulary}}
 
 
 def degenerate_members(layout, backbones: list[str], k: int) -> dict[str, list[str]]:

@@ -133,7 +133,7 @@ class Predictor(FinishedRun):
     def _fold_model(self, member: str, fold: int):
         key = (member, fold)
         if key not in self._models:
-            if member == CLASSICAL:
+            if member in CLASSICAL:
                 self._models[key] = load_classical(self.layout.features(member, fold))
             else:
                 pair = self.layout.pair(member, fold)
@@ -152,7 +152,7 @@ class Predictor(FinishedRun):
         for fold in np.unique(folds):
             idx = np.flatnonzero(folds == fold)
             model = self._fold_model(member, int(fold))
-            if member == CLASSICAL:
+            if member in CLASSICAL:
                 probs[idx] = classical_probs(model, rows.take(idx), self.task.multi_label)
                 continue
             tokenizer, net = model

@@ -26,6 +26,10 @@ def _write(tmp_path, backbone: dict, **top):
     ({"name": "a", "checkpoint": "tiny:electra", "loss": "asl"}, {"task": "sentence-sentiment",
                                                                   "train": str(DEMO_DIR.parent.parent / "README.md")},
      r"loss asl is for multi-label tasks"),
+    ({"name": "a", "checkpoint": "tiny:electra"}, {"classical": ["tfidf-lr", "svm"]}, r"classical"),
+    ({"name": "nbsvm", "checkpoint": "tiny:electra"}, {"classical": ["nbsvm"]}, r"no backbone of the same name"),
+    ({"name": "a", "checkpoint": "tiny:gpt_neox"}, {"task": "hansol-qa", "classical": ["nbsvm"]},
+     r"a generate task's classical member is retrieval"),
 ])
 def test_bad_experiment_files_fail_with_the_key_path(tmp_path, backbone, top, message):
     with pytest.raises(ConfigError, match=message):

@@ -1,10 +1,11 @@
-"""The classical member (scikit-learn, no Ray) and what its features stage manifest is tied to."""
+"""The classical members (scikit-learn, no Ray) and what their features stage manifest is tied to."""
 
 import numpy as np
+import pytest
 
 from conftest import DEMO_DIR
 from nikl_ray.data import read_rows
-from nikl_ray.members import classical_probs, fit_classical
+from nikl_ray.members import CLASSICAL, classical_probs, fit_classical, load_classical, save_classical
 from nikl_ray.tasks import get_task
 
 
@@ -25,3 +26,44 @@ def test_binary_single_label_probabilities_are_two_columns_that_sum_to_one():
     assert probs.shape == (len(rows), 2)
     np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
     assert ((probs[:, 1] > 0.5) == (y[:, 1] > 0)).mean() > 0.8  # and they mean something
+
+
+@pytest.mark.parametrize("name", list(CLASSICAL))
+def test_each_classical_member_predicts_rows_it_never_saw_and_stores_without_pickle(name, tmp_path):
+    rows = read_rows(DEMO_DIR / "train.jsonl", get_task("nikl-emotion"))
+    fit, held = np.arange(len(rows)) % 4 != 0, np.arange(len(rows)) % 4 == 0
+    labels = rows.labels.copy()
+    labels[:, 5] = 0  # a label with no positive row: constant, whatever the classifier
+    model = fit_classical(rows.inputs().take(np.flatnonzero(fit)), labels[fit], True, name)
+    save_classical(tmp_path, model)
+    assert not list(tmp_path.glob("*.pkl")) and (tmp_path / "model.json").exists()
+    probs = classical_probs(load_classical(tmp_path), rows.inputs().take(np.flatnonzero(held)), True)
+    np.testing.assert_allclose(probs, classical_probs(model, rows.inputs().take(np.flatnonzero(held)), True), atol=1e-6)
+    y = labels[held] > 0
+    assert probs[:, 5].max() < 1e-3
+    # better than chance on unseen rows, and calibrated to within 0.15 of the positive rate per label
+    auc_like = [(probs[y[:, j], j].mean() > probs[~y[:, j], j].mean()) for j in range(8) if 0 < y[:, j].sum() < len(y)]
+    assert np.mean(auc_like) == 1, name
+    assert np.abs(probs.mean(0) - y.mean(0)).max() < 0.15, (name, probs.mean(0), y.mean(0))
+
+
+def test_a_character_model_saved_before_the_word_views_loads_as_it_was(tmp_path):
+    from nikl_ray.artifacts import save_npy, write_json
+
+    rows = read_rows(DEMO_DIR / "train.jsonl", get_task("nikl-emotion"))
+    model = fit_classical(rows.inputs(), rows.labels, True)
+    write_json(tmp_path / "model_vocabulary.json", model["vocabularies"]["char_wb"])  # the earlier layout
+    for k in ("idf", "coef", "intercept"):
+        save_npy(tmp_path / f"model_{k}.npy", model[k])
+    np.testing.assert_array_equal(classical_probs(load_classical(tmp_path), rows.inputs(), True),
+                                  classical_probs(model, rows.inputs(), True))
+
+
+def test_nbsvm_three_classes_one_vs_rest_sum_to_one():
+    rows = read_rows(DEMO_DIR / "train.jsonl", get_task("nikl-emotion"))
+    y = np.eye(3, dtype=np.float32)[(rows.labels[:, 0] + rows.labels[:, 1]).astype(int)]
+    model = fit_classical(rows.inputs(), y, False, "nbsvm")
+    probs = classical_probs(model, rows.inputs(), False)
+    assert model["link"] == "ovr" and probs.shape == (len(rows), 3)
+    np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
+    assert classical_probs(model, rows.inputs().take(np.array([], int)), False).shape == (0, 3)

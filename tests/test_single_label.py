@@ -32,26 +32,27 @@ def test_sentence_sentiment_pipeline_writes_a_tsv_submission_and_scores_accuracy
     assert {line.rsplit("\t", 1)[1] for line in lines[1:]} <= {"0", "1"}
 
     report = json.loads(out["report"].with_suffix(".json").read_text())
-    assert set(report["members"]) == {"neox", "tfidf-lr"} and report["metric"] == "accuracy"
+    assert set(report["members"]) == {"neox", "tfidf-lr", "nbsvm"} and report["metric"] == "accuracy"
     assert all(set(r) == {"argmax"} for r in report["table"].values())  # no empty rule columns
     md = out["report"].read_text()
     assert "out-of-fold accuracy" in md and "micro" not in md and "threshold" not in md
     assert report["chosen"]["score"] > 0.6, report["crossfit_score"]  # balanced reviews: chance is ~0.5
 
 
-def test_the_classical_member_gives_two_proper_probabilities_for_a_binary_task(single_label_run):
+def test_each_classical_member_gives_two_proper_probabilities_for_a_binary_task(single_label_run):
     from nikl_ray.config import parse_experiment
+    from nikl_ray.data import read_rows
     from nikl_ray.members import load_member
 
     raw, _ = single_label_run
     exp = parse_experiment(raw)
-    from nikl_ray.data import read_rows
-
     rows = read_rows(exp.train, exp.task)
-    f = load_member(exp.layout, "tfidf-lr", 2, rows.ids, None)
-    assert f.oof_probs.shape == (len(rows), 2)
-    np.testing.assert_allclose(f.oof_probs.sum(1), 1, atol=1e-5)
-    assert f.oof_probs[:, 1].std() > 0.01  # not a softmax over one logit (always 1.0)
+    for member in ("tfidf-lr", "nbsvm"):
+        f = load_member(exp.layout, member, 2, rows.ids, None)
+        assert f.oof_probs.shape == (len(rows), 2)
+        np.testing.assert_allclose(f.oof_probs.sum(1), 1, atol=1e-5)
+        assert f.oof_probs[:, 1].std() > 0.01, member  # not a softmax over one logit (always 1.0)
+        assert ((f.oof_probs[:, 1] > 0.5) == (rows.labels[:, 1] > 0)).mean() > 0.6, member
 
 
 def test_the_public_api_runs_and_answers_for_a_whole_run(single_label_run):

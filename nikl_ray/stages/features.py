@@ -72,9 +72,9 @@ def neural_features(job: FeatureJob) -> dict:
 
 
 def classical_features(job: FeatureJob) -> dict:
-    """Ray task: fit the TF-IDF + logistic-regression member on one fold's training rows, predict."""
+    """Ray task: fit a classical member on one fold's training rows, predict."""
     t0 = time.time()
-    model = fit_classical(job.train, job.train_labels, job.multi_label)
+    model = fit_classical(job.train, job.train_labels, job.multi_label, job.member)
     out = {"model": model}
     for part, ids, rows in (("oof", job.oof_ids, job.oof), ("test", job.test_ids, job.test)):
         out[part] = {"ids": ids, "hidden": None, "probs": classical_probs(model, rows, job.multi_label)}
@@ -117,7 +117,7 @@ def run(exp: Experiment, data: Inputs) -> Path:
     for member in member_names(exp):
         for fold in range(k):
             positions = fold_positions(rows, folds, fold)
-            if member == CLASSICAL:
+            if member in CLASSICAL:
                 train_idx, select_idx, held_idx = positions
                 inputs = {"member": member, "data_hash": folds["data_hash"], "fold": fold, "k": k,
                           "held_out_hash": held_out_hash(folds, fold), "test_hash": test_hash,
@@ -139,7 +139,7 @@ def run(exp: Experiment, data: Inputs) -> Path:
             why = manifest_problem(d, inputs, __name__)
             if why is None:
                 continue
-            made = None if member == CLASSICAL else handoff.take(Path(job.run.features.dir), Path(job.checkpoint),
+            made = None if member in CLASSICAL else handoff.take(Path(job.run.features.dir), Path(job.checkpoint),
                                                                   job.oof_ids, job.test_ids, test_hash)
             if made is not None:
                 _save(d, made, inputs)
