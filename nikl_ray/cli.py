@@ -46,6 +46,8 @@ def _run(args, *, build: bool = True):
     """The run a command works on (nikl_ray.run.open_run), and Ray when the command has Ray flags."""
     from nikl_ray.run import connect, open_run
 
+    if not (args.config or args.results):
+        raise SystemExit("give --config (an experiment YAML) or --results (the root of a run opened before)")
     run = open_run(args.config, args.results, build=False)
     if hasattr(args, "local"):  # before anything is written: a results root some node cannot see is refused
         connect(run, local=args.local, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
@@ -293,7 +295,7 @@ def cmd_status(args) -> int:
 
 
 def _add_run(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", required=True, help="experiment YAML")
+    p.add_argument("--config", help="experiment YAML (without it: the run --results holds, as it was opened)")
     p.add_argument("--results", help="results root (overrides the experiment's)")
 
 
@@ -433,8 +435,6 @@ def job(doc: str, body, *, options=None, finished: bool = False, argv: list[str]
     """A ray job (ray_jobs/*.py): its arguments (--config, --results, Ray's flags and `options(parser)`'s),
     its run opened and Ray connected, then `body(run, args)`; the exit code. A job on a `finished` run
     gets `body(predictor, args)` instead, and connects Ray itself."""
-    from nikl_ray.run import connect, open_run
-
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     (_add_finished if finished else _add_run)(parser)
     _add_ray(parser)
@@ -448,9 +448,7 @@ def job(doc: str, body, *, options=None, finished: bool = False, argv: list[str]
         if finished:
             body(_finished(args), args)
             return 0
-        run = open_run(args.config, args.results, build=False)
-        connect(run, local=args.local, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
-        body(run.build(), args)
+        body(_run(args), args)
         return 0
 
     return _exit_code(opened, args)

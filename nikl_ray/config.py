@@ -227,7 +227,8 @@ def parse_experiment(raw: dict, base_dir: str | Path = ".", where: str = "<exper
                 {**c, "path": _resolve(base, str(c.get("path")))} if isinstance(c, dict) else _resolve(base, str(c))
                 for c in b["pretrain"]["corpus"]]}
         backbones.append(b)
-    raw["backbones"], raw["pinned"] = backbones, pinned
+    # a run's saved experiment (run.py) is read back with the keys its backbones set at first
+    raw["backbones"], raw["pinned"] = backbones, raw.get("pinned", pinned)
     try:
         exp = Experiment(**raw)
     except ValidationError as e:

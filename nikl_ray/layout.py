@@ -1,6 +1,7 @@
 """Where every artifact of a run lives: the one place that builds a results path.
 
     <results>/
+      experiment.json   the experiment the run was last opened with (`--results DIR` alone reopens it)
       split/            folds.json (held-out and selection ids per fold) + manifest
       tiny_backbones/   tiny random-init checkpoints built for `tiny:<kind>` backbones
       pretrain/<backbone>/        its pretraining run, `model/` (the checkpoint later stages use), report
@@ -37,6 +38,11 @@ class Layout:
     def manifest(stage_dir: Path) -> Path:
         """The manifest a stage (or one of its runs) writes last, in `stage_dir`."""
         return Path(stage_dir) / MANIFEST
+
+    @property
+    def experiment(self) -> Path:
+        """The experiment the run was last opened with (what `--results DIR` alone reopens)."""
+        return self.root / "experiment.json"
 
     # split
     @property

@@ -14,6 +14,7 @@ since, nor with values a search has since replaced; `run.untuned` is what a sear
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,9 +58,11 @@ class Run:
         """The run with its folds made (or reused) and its tiny backbones built: what the stages need."""
         if self.folds is not None:
             return self
+        from nikl_ray.artifacts import write_json
         from nikl_ray.stages import split
 
         folds = split.run(self.config, self.inputs.rows)
+        write_json(self.layout.experiment, self.config.model_dump(mode="json"))
         return Run(build_tiny(self.config, self.inputs), self.inputs, folds)
 
     def _current(self, *, tuned: bool) -> Experiment:
@@ -70,9 +73,11 @@ class Run:
         return self._resolved[key]
 
 
-def open_run(config: str | Path | dict | Experiment, results: str | Path | None = None, *, build: bool = True) -> Run:
+def open_run(config: str | Path | dict | Experiment | None, results: str | Path | None = None, *,
+             build: bool = True) -> Run:
     """The run of an experiment: its rows validated, its folds made or reused, its tiny backbones
-    built. `results` overrides the experiment's results root. With `build=False` nothing is
+    built. `results` overrides the experiment's results root; without `config`, the run opened
+    there before is reopened (its `experiment.json`). With `build=False` nothing is
     written (no folds, no tiny checkpoints) until `run.build()`: what `validate` and `status` need,
     and commands that join a cluster, which first check that every node sees the results root."""
     exp = _experiment(config, results)
@@ -95,6 +100,12 @@ def connect(run: Run | None = None, *, local: bool = False, num_cpus: int | None
 
 
 def _experiment(config, results) -> Experiment:
+    if config is None:
+        saved = Layout(results or "results").experiment
+        if not saved.exists():
+            raise ConfigError(f"{saved.parent} holds no run opened before ({saved.name} is missing): give the "
+                              "experiment (--config)")
+        return parse_experiment(json.loads(saved.read_text(encoding="utf-8")), saved.parent, str(saved))
     overrides = {"results": str(results)} if results else None
     if isinstance(config, Experiment):
         return config.model_copy(update={"results": Path(results).expanduser().resolve()}) if results else config

@@ -2,7 +2,7 @@
 
 Locally:      python ray_jobs/distill.py --config nikl_ray/examples/tiny.yaml --local
 On a cluster: ray job submit --address http://127.0.0.1:8265 --runtime-env ray_jobs/runtime_env.yaml \\
-                  -- python ray_jobs/distill.py --config my.yaml [--student BACKBONE] [--pool unlabelled.jsonl]
+                  -- python ray_jobs/distill.py --results results/nikl [--student BACKBONE] [--pool unlabelled.jsonl]
 Then:         ray job submit … -- python ray_jobs/serve.py --results results/nikl --student int8
 """
 

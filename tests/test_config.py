@@ -37,6 +37,22 @@ def test_bad_experiment_files_fail_with_the_key_path(tmp_path, backbone, top, me
     assert not (tmp_path / "res").exists()  # nothing was built or written
 
 
+def test_a_run_opened_once_reopens_from_its_results_root_alone(tmp_path):
+    """`--results DIR` without `--config` (distill, pipeline, status…): the experiment as opened, the keys
+    its backbones set themselves kept (tuned values override those loudly)."""
+    from nikl_ray import open_run
+    from nikl_ray.config import ConfigError
+
+    path = _write(tmp_path, {"name": "a", "checkpoint": "tiny:llama", "mode": "lora", "lora_r": 4}, defaults={"epochs": 7})
+    written, opened = load_experiment(path), open_run(path)
+    (tmp_path / "exp.yaml").unlink()  # the results root alone
+    again = open_run(None, tmp_path / "res", build=False).config
+    assert again == written and again.pinned == {"a": ["lora_r", "mode"]}
+    assert open_run(None, tmp_path / "res").exp.backbones[0].checkpoint == opened.exp.backbones[0].checkpoint
+    with pytest.raises(ConfigError, match="experiment.json is missing"):
+        open_run(None, tmp_path / "elsewhere", build=False)
+
+
 def test_reading_builds_nothing_and_opening_the_run_builds_tiny_backbones_once(tmp_path):
     from nikl_ray import open_run
 
