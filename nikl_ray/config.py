@@ -76,6 +76,10 @@ class EnsembleConfig(BaseModel):
     lr: float = Field(1e-3, gt=0)
     batch_size: int = Field(64, ge=1)
     seed: int = 0
+    test_rows: Literal["routed", "bagged"] = Field(
+        "routed", description="How a test (or served) row is answered: `routed`, by the one fold model and inner fold of "
+                              "heads a stable hash of the row picks, as each out-of-fold row is; `bagged`, by every fold "
+                              "model and every inner fold, averaged (K× the fold-model compute per row).")
 
 
 class DistillConfig(BaseModel):

@@ -11,7 +11,8 @@
       features/<member>/fold<k>/  out-of-fold and test features of one fold model (a generate task's: its
                         answers, oof_answers.json / test_answers.json), manifest
       ensemble/         heads, report, decision.json, run.json (the run as trained: what Predictor.load reads),
-                        submission, submissions/<candidate>.*; a generate task's answers.* and qa_items.json
+                        submission, submissions/<candidate>.* (and submissions/<routed|bagged>/<candidate>.*:
+                        test rows answered the way not submitted); a generate task's answers.* and qa_items.json
       distill/          the student distilled from the ensemble: runs/ (cross-fitted and served), student.json,
                         report, oof.npy, pool/ (the pool as the run labelled it), export/ (onnx, int8)
       selection/        rows `nikl-ray select` picked for labelling
@@ -198,8 +199,9 @@ class Layout:
         """A generate task's training items as retrieval reads them (questions, references)."""
         return self.ensemble / "qa_items.json"
 
-    def candidate_submission(self, name: str, suffix: str) -> Path:
-        return self.ensemble / "submissions" / f"{name}{suffix}"
+    def candidate_submission(self, name: str, suffix: str, test_rows: str | None = None) -> Path:
+        """A candidate's test predictions; `test_rows`: answered the way the run does not submit."""
+        return self.ensemble / "submissions" / (test_rows or "") / f"{name}{suffix}"
 
     @property
     def explanation(self) -> Path:

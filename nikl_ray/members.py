@@ -287,22 +287,29 @@ def active_members(exp, k: int) -> tuple[list[str], dict[str, list[str]]]:
 @dataclass(frozen=True)
 class MemberFeatures:
     """One member's features, aligned to the rows asked for: out-of-fold (each row from the fold
-    model that held it out) and test (each row from the fold model it is assigned to)."""
+    model that held it out) and test, from every fold model (`[fold, row, …]`; `answer` picks or
+    averages them)."""
 
     oof_hidden: np.ndarray | None
     oof_probs: np.ndarray
     test_hidden: np.ndarray | None
     test_probs: np.ndarray | None
 
+    def test(self, folds: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray]:
+        """(hidden, probs) of the test rows: each from its fold model `folds[row]`, or, without
+        `folds` (bagged), the average over every fold model."""
+        return tuple(None if x is None else x.mean(0) if folds is None else x[folds, np.arange(x.shape[1])]
+                     for x in (self.test_hidden, self.test_probs))
+
 
 def load_member(layout, member: str, k: int, ids: list[str], test_ids: list[str] | None) -> MemberFeatures:
     """Rows are matched by id; a row with no feature is an error."""
     folds = [read_features(layout.features(member, fold)) for fold in range(k)]
 
-    def gather(part: str, want: list[str]):
+    def gather(parts: list[dict], want: list[str]):
         where = {rid: i for i, rid in enumerate(want)}
         hidden = probs = None
-        for got in (f[part] for f in folds):
+        for got in parts:
             if not got["ids"]:
                 continue
             idx = np.array([where[r] for r in got["ids"]])
@@ -314,9 +321,12 @@ def load_member(layout, member: str, k: int, ids: list[str], test_ids: list[str]
             if h is not None:
                 hidden[idx] = h
         if probs is None or np.isnan(probs).any():
-            raise ValueError(f"features of {member}: some {part} rows have no prediction")
+            raise ValueError(f"features of {member}: some rows have no prediction")
         return hidden, probs
 
-    oof_h, oof_p = gather("oof", ids)
-    test_h, test_p = gather("test", test_ids) if test_ids else (None, None)
-    return MemberFeatures(oof_h, oof_p, test_h, test_p)
+    oof_h, oof_p = gather([f["oof"] for f in folds], ids)
+    if not test_ids:
+        return MemberFeatures(oof_h, oof_p, None, None)
+    tests = [gather([f["test"]], test_ids) for f in folds]  # every fold model answers every test row
+    test_h = None if tests[0][0] is None else np.stack([h for h, _ in tests])
+    return MemberFeatures(oof_h, oof_p, test_h, np.stack([p for _, p in tests]))

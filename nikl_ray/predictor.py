@@ -147,7 +147,12 @@ class Predictor(FinishedRun):
                                             len(self.task.labels), self.task.multi_label)
         return self._heads[stack]
 
-    def _features(self, member: str, rows: TextRows, folds: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+    def _features(self, member: str, rows: TextRows, folds: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray]:
+        """A member's (hidden, probs) of rows: each from its fold model `folds[row]`, or (bagged,
+        without `folds`) the average of every fold model's."""
+        if folds is None:
+            each = [self._features(member, rows, np.full(len(rows), fold)) for fold in range(self.k)]
+            return (None if each[0][0] is None else np.mean([h for h, _ in each], 0)), np.mean([p for _, p in each], 0)
         hidden, probs = None, np.zeros((len(rows), len(self.task.labels)), np.float32)
         for fold in np.unique(folds):
             idx = np.flatnonzero(folds == fold)
@@ -169,7 +174,8 @@ class Predictor(FinishedRun):
         if candidate not in self.record["rules"]:
             raise BadRequest(f"no candidate {candidate!r} in this run; candidates: {self.candidates}")
         keys = keys or rows.keys()
-        folds, inner = assign(keys, self.k, "fold"), assign(keys, self.inner_folds, "inner")
+        folds, inner = ((assign(keys, self.k, "fold"), assign(keys, self.inner_folds, "inner"))
+                        if self.decision.get("test_rows", "routed") == "routed" else (None, None))
         active = self.decision["active"]
         members = [candidate] if candidate in self.decision["members"] else active
         features = {m: self._features(m, rows, folds) for m in members}

@@ -145,9 +145,13 @@ def held_out_hash(folds: dict, fold: int) -> str:
 
 
 def answering_positions(test: Rows | None, k: int) -> list[np.ndarray]:
-    """Per fold, the positions of the test rows its fold model answers for (none without a test set)."""
+    """Per fold, the positions of the test rows its fold model answers for (none without a test set):
+    every test row for a classifying task (the ensemble routes or bags them, `ensemble.test_rows`),
+    the rows routed to the fold for a generating one (answers are costly, and MBR reads one per row)."""
     if test is None:
         return [np.zeros(0, int)] * k
+    if not test.task.generates:
+        return [np.arange(len(test))] * k
     fold_of = assign(row_keys(test), k, "fold")
     return [np.flatnonzero(fold_of == fold) for fold in range(k)]
 

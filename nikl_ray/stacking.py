@@ -164,9 +164,9 @@ class Heads:
             self.heads[(h, j)] = head.eval()
         self.states = states
 
-    def predict(self, x_raw: np.ndarray, inner: np.ndarray, hidden: int | None = None) -> np.ndarray:
-        """Probabilities of rows: each from the heads of its inner fold, averaged over hidden sizes
-        (or from one hidden size)."""
+    def predict(self, x_raw: np.ndarray, inner: np.ndarray | None, hidden: int | None = None) -> np.ndarray:
+        """Probabilities of rows: each from the heads of its inner fold (without `inner`, bagged: from
+        every inner fold's, averaged), averaged over hidden sizes (or from one hidden size)."""
         import torch
 
         x = torch.tensor((x_raw - self.mean) / self.std, dtype=torch.float32)
@@ -174,12 +174,12 @@ class Heads:
         sizes = [hidden] if hidden is not None else self.hidden_sizes
         with torch.no_grad():
             for j in range(self.inner_folds):
-                rows = np.flatnonzero(inner == j)
+                rows = np.arange(len(x_raw)) if inner is None else np.flatnonzero(inner == j)
                 if not len(rows):
                     continue
                 logits = [self.heads[(h, j)](x[rows]) for h in sizes]
                 probs = [torch.sigmoid(z) if self.multi_label else torch.softmax(z, 1) for z in logits]
-                out[rows] = torch.stack(probs).mean(0).numpy()
+                out[rows] += torch.stack(probs).mean(0).numpy() / (self.inner_folds if inner is None else 1)
         return out
 
     def save(self, folder: Path) -> list[Path]:
@@ -209,12 +209,13 @@ class Heads:
 
 
 def candidate_probs(name: str, features: dict[str, tuple], active: list[str], heads: dict[str, Heads],
-                    inner: np.ndarray, multi_label: bool) -> np.ndarray:
+                    inner: np.ndarray | None, multi_label: bool) -> np.ndarray:
     """A candidate's probabilities from member features {member: (hidden | None, probs)} of the same rows.
 
     Members answer with their own probabilities; `prob-average` averages the active members';
     `majority-vote` is the share of active members that say yes (argmax for single-label); the
-    stacks run their heads, each row through the heads of its inner fold (`inner`).
+    stacks run their heads, each row through the heads of its inner fold (`inner`; None: through
+    every inner fold's, averaged).
     """
     if name in features:
         return features[name][1]

@@ -4,7 +4,7 @@ It trains on the fold's training rows, evaluates the fold's *selection slice* af
 (micro-F1 or accuracy, per-label F1, loss), keeps the best epoch there (early stopping), and
 reports metrics and checkpoints to Ray through Ray's own `RayTrainReportCallback`. The held-out
 fold is predicted once at the end, for the train table only: it never chooses anything. A final
-run also writes, from that pass and one over its assigned test rows, the features the features
+run also writes, from that pass and one over the test rows, the features the features
 stage would otherwise load the fold model again to compute (nikl_ray/handoff.py). A model
 whose predictions are constant, or no better than always predicting the majority, is flagged
 `degenerate` (judged on the held-out fold).

@@ -39,7 +39,7 @@ def test_embedding_does_not_depend_on_row_order(trained):
     np.testing.assert_allclose(p1, p2[rev], atol=1e-5)
 
 
-def test_features_join_by_id_and_each_row_comes_from_one_fold_model_that_never_saw_it(stacked):
+def test_features_join_by_id_each_oof_row_from_the_fold_model_that_never_saw_it_each_test_row_from_all(stacked):
     exp, data, _ = stacked
     rows, test, folds = data.rows, data.test, data.folds(exp)
     perm = np.random.default_rng(0).permutation(len(rows))
@@ -47,14 +47,17 @@ def test_features_join_by_id_and_each_row_comes_from_one_fold_model_that_never_s
         f = load_member(exp.layout, member, 2, rows.ids, test.ids)
         g = load_member(exp.layout, member, 2, [rows.ids[i] for i in perm], test.ids)
         np.testing.assert_array_equal(g.oof_probs, f.oof_probs[perm])
-        assert f.oof_probs.shape == (len(rows), 8) and f.test_probs.shape == (len(test), 8)
+        assert f.oof_probs.shape == (len(rows), 8) and f.test_probs.shape == (2, len(test), 8)
         assert (f.oof_hidden is None) == (member == "tfidf-lr")
-    # out-of-fold rows come from the fold model that held them out; test rows from the one they are assigned to
-    assigned = assign(test.inputs().keys(), 2, "fold")
+        # routed: each test row from the fold model its hash picks; bagged: the mean of both
+        routed, bagged = f.test(assigned := assign(test.inputs().keys(), 2, "fold"))[1], f.test(None)[1]
+        np.testing.assert_array_equal(routed[assigned == 1], f.test_probs[1][assigned == 1])
+        np.testing.assert_allclose(bagged, f.test_probs.mean(0))
+    # out-of-fold rows come from the fold model that held them out; every fold model answers every test row
     for fold in range(2):
         d = exp.layout.features("neox-lora", fold)
         assert set(json.loads((d / "oof_ids.json").read_text())) == set(folds["folds"][fold])
-        assert json.loads((d / "test_ids.json").read_text()) == [t for t, a in zip(test.ids, assigned) if a == fold]
+        assert json.loads((d / "test_ids.json").read_text()) == test.ids
 
 
 def test_features_a_train_run_made_equal_those_a_task_computes_from_its_best_checkpoint(stacked, caplog):
@@ -151,6 +154,14 @@ def test_the_predictor_answers_exactly_as_the_submission_did(stacked):
         own = read_rows(exp.layout.ensemble / path, exp.task, labelled=True)
         np.testing.assert_array_equal(predictor.predict(data.test.inputs(), candidate=candidate).decisions,
                                       own.labels.astype(bool), err_msg=candidate)
+    # the other way of answering rows (ensemble.test_rows: routed or bagged) as its submissions wrote it
+    predictor.decision["test_rows"] = {"routed": "bagged", "bagged": "routed"}[report["test_rows"]]
+    assert set(report["submissions_other_test_rows"]) == set(report["submissions"])
+    for candidate, path in report["submissions_other_test_rows"].items():
+        own = read_rows(exp.layout.ensemble / path, exp.task, labelled=True)
+        np.testing.assert_array_equal(predictor.predict(data.test.inputs(), candidate=candidate).decisions,
+                                      own.labels.astype(bool), err_msg=f"{candidate} {predictor.decision['test_rows']}")
+    predictor.decision["test_rows"] = report["test_rows"]
     i = int(np.flatnonzero([t is not None for t in data.test.targets])[0])
     text, target = data.test.texts[i], data.test.targets[i]
     if text.find(target) == data.test.spans[i][0]:  # predict_text takes the first occurrence

@@ -8,8 +8,10 @@
    each hidden size is scored with each decision rule *cross-fitted* over the inner folds
    (decision.py). The submitted candidate and its rule are the best by those scores only.
 4. Test rows go through exactly that procedure (`stacking.candidate_probs`, the same function
-   that gave the out-of-fold probabilities); the submission is written in the task's format,
-   and so is every candidate's own prediction, under `submissions/`.
+   that gave the out-of-fold probabilities), routed to one fold model and inner fold as an
+   out-of-fold row is, or bagged over all of them (`ensemble.test_rows`); the submission is
+   written in the task's format, and so is every candidate's own prediction, under
+   `submissions/` (and the other way of answering test rows under `submissions/<way>/`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,14 @@ from nikl_ray.stacking import SIMPLE, STACKS, candidate_probs, fit_heads, stack_
 from nikl_ray.tables import markdown
 
 log = logging.getLogger(__name__)
+
+# what the report says of test rows, by `ensemble.test_rows`
+TEST_ROWS = {
+    "routed": "each answered by one fold model and one inner fold of heads (a stable hash of the row), as each "
+              "out-of-fold row is: the out-of-fold score estimates the test score",
+    "bagged": "each answered by every fold model and every inner fold of heads, averaged (bagging); out-of-fold rows "
+              "are answered by one fold model each, so the out-of-fold score is a lower bound rather than an estimate",
+}
 
 
 def run(exp: Experiment, data: Inputs) -> Path:
@@ -82,18 +92,26 @@ def run(exp: Experiment, data: Inputs) -> Path:
     test_rates = None
     suffix = task.suffix
     submissions = {}
+    other_rows = {}  # each candidate's test answers the other way (`test_rows`), to compare on labelled test rows
     if test is not None:
-        test_inner = assign(test.inputs().keys(), cfg.inner_folds, "inner")
-        test_feats = {m: (f.test_hidden, f.test_probs) for m, f in loaded.items()}
-        for n in candidates:
-            probs = candidate_probs(n, test_feats, active, heads, test_inner, task.multi_label)
-            decisions = decide(probs, best[n], table[n][best[n]]["params"])
-            files.append(write_predictions(test, decisions, layout.candidate_submission(n, suffix)))
-            submissions[n] = files[-1]
-            if n == chosen:
-                test_rates = decisions.mean(0)
-                files.append(write_predictions(test, decisions, layout.submission(suffix)))
-        log.info("ensemble: submission (%s) written to %s", chosen, layout.submission(suffix))
+        def answers(how: str) -> dict[str, np.ndarray]:
+            """Each candidate's test decisions, its rows answered `how` (routed or bagged)."""
+            keys = test.inputs().keys()
+            fold_of, inner_of = ((assign(keys, k, "fold"), assign(keys, cfg.inner_folds, "inner")) if how == "routed"
+                                 else (None, None))
+            feats = {m: f.test(fold_of) for m, f in loaded.items()}
+            return {n: decide(candidate_probs(n, feats, active, heads, inner_of, task.multi_label), best[n],
+                              table[n][best[n]]["params"]) for n in candidates}
+
+        other = next(how for how in TEST_ROWS if how != cfg.test_rows)
+        other_rows = {n: write_predictions(test, d, layout.candidate_submission(n, suffix, other))
+                      for n, d in answers(other).items()}
+        submitted = answers(cfg.test_rows)
+        submissions = {n: write_predictions(test, d, layout.candidate_submission(n, suffix)) for n, d in submitted.items()}
+        test_rates = submitted[chosen].mean(0)
+        files += [*submissions.values(), *other_rows.values(), write_predictions(test, submitted[chosen],
+                                                                                 layout.submission(suffix))]
+        log.info("ensemble: submission (%s, test rows %s) written to %s", chosen, cfg.test_rows, layout.submission(suffix))
 
     metric = metric_name(task.multi_label)
     member_best = max((m for m in active), key=lambda m: score[m])
@@ -115,10 +133,11 @@ def run(exp: Experiment, data: Inputs) -> Path:
                       "heads": f"early stopping on a {cfg.early_stopping:.0%} slice of each head's training rows (its loss)"
                       if cfg.early_stopping else f"{cfg.epochs} epochs, no early stopping",
                       "rules": f"fitted on {cfg.inner_folds - 1} inner folds, applied to the remaining one, in turn",
-                      "test_rows": "each answered by one fold model and one inner fold of heads (a stable hash of the row), "
-                                   "as each out-of-fold row is"},
+                      "test_rows": TEST_ROWS[cfg.test_rows]},
         "heads": head_runs,
+        "test_rows": cfg.test_rows,
         "submissions": {n: str(p.relative_to(layout.ensemble)) for n, p in submissions.items()},
+        "submissions_other_test_rows": {n: str(p.relative_to(layout.ensemble)) for n, p in other_rows.items()},
     }
     for stack, h in heads.items():
         files += h.save(layout.heads)
@@ -126,7 +145,8 @@ def run(exp: Experiment, data: Inputs) -> Path:
     files.append(write_text(layout.report, report_markdown(report)))
     files.append(plot_report(report, layout.report_plot))
     decision = {"candidate": chosen, "rule": rule, "params": params, "members": members, "active": active,
-                "stacks": stacks, "hidden_sizes": cfg.hidden_sizes, "inner_folds": cfg.inner_folds, "k": k}
+                "stacks": stacks, "hidden_sizes": cfg.hidden_sizes, "inner_folds": cfg.inner_folds, "k": k,
+                "test_rows": cfg.test_rows}
     files.append(write_json(layout.decision, decision))
     files += write_record(exp, rows, decision, {n: {"rule": best[n], "params": table[n][best[n]]["params"]} for n in names},
                           candidates_table(report))

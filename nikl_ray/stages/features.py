@@ -1,9 +1,9 @@
 """The features stage: what every fold model says about the rows it never saw.
 
-For each (member, fold): the out-of-fold rows (the fold's held-out rows) and the test rows
-*assigned* to that fold, as row ids + probabilities (+ pooled hidden states for neural members).
-A test row is assigned to one fold model by a stable hash of its content (runspec.assign), so
-it is predicted exactly as an out-of-fold row is: by one fold model that never saw it. Saved as
+For each (member, fold): the out-of-fold rows (the fold's held-out rows) and every test row, as
+row ids + probabilities (+ pooled hidden states for neural members). The ensemble answers a test
+row with the one fold model a stable hash of its content picks (runspec.assign), exactly as an
+out-of-fold row is answered, or with all of them averaged (`ensemble.test_rows`). Saved as
 `.npy` (read with allow_pickle=False) + ids in JSON, so members are always joined by id.
 A final Train run writes its fold model's features itself while the model is loaded
 (nikl_ray/handoff.py): they are taken when they are of the run's best checkpoint and of these
@@ -52,7 +52,7 @@ class FeatureJob:
 
 
 def neural_features(job: FeatureJob) -> dict:
-    """Ray task: embed the held-out fold and the assigned test rows with one trained fold model."""
+    """Ray task: embed the held-out fold and the test rows with one trained fold model."""
     from nikl_ray.backbones import load_trained
     from nikl_ray.members import embed
     from nikl_ray.placement import cap_memory
@@ -85,7 +85,7 @@ def classical_features(job: FeatureJob) -> dict:
 
 
 def rows_of(exp: Experiment, rows, test, held_idx: np.ndarray, test_idx: np.ndarray, member: str, fold: int) -> dict:
-    """A job's rows: the fold's held-out rows and the test rows its fold model answers for."""
+    """A job's rows: the fold's held-out rows and the test rows its fold model answers (runspec.answering_positions)."""
     return dict(member=member, fold=fold, multi_label=exp.task.multi_label, num_labels=len(exp.task.labels),
                 oof_ids=[rows.ids[i] for i in held_idx], oof=rows.inputs().take(held_idx),
                 test_ids=[test.ids[i] for i in test_idx] if test is not None else [],
