@@ -3,8 +3,9 @@
 Each whitespace word (the unit the review teams highlighted) is removed in turn — deletion, since
 the members read the text through different tokenizers (and the TF-IDF member has no mask
 token) — and the run's probability of each predicted label is read again. All variants of a
-sentence go through one batched call per fold model, routed to the sentence's own fold model
-and heads, so a drop is the word's effect and nothing else. A target span keeps its words.
+sentence go through one batched call, answered as the sentence is (by every fold model and head,
+or, routed, by the sentence's own), so a drop is the word's effect and nothing else. A target
+span keeps its words.
 """
 
 from __future__ import annotations

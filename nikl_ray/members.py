@@ -287,7 +287,7 @@ def active_members(exp, k: int) -> tuple[list[str], dict[str, list[str]]]:
 @dataclass(frozen=True)
 class MemberFeatures:
     """One member's features, aligned to the rows asked for: out-of-fold (each row from the fold
-    model that held it out) and test, from every fold model (`[fold, row, …]`; `answer` picks or
+    model that held it out) and test, from every fold model (`[fold, row, …]`; `test()` picks or
     averages them)."""
 
     oof_hidden: np.ndarray | None
