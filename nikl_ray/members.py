@@ -306,7 +306,7 @@ def load_member(layout, member: str, k: int, ids: list[str], test_ids: list[str]
     """Rows are matched by id; a row with no feature is an error."""
     folds = [read_features(layout.features(member, fold)) for fold in range(k)]
 
-    def gather(parts: list[dict], want: list[str]):
+    def gather(parts: list[dict], want: list[str], what: str):
         where = {rid: i for i, rid in enumerate(want)}
         hidden = probs = None
         for got in parts:
@@ -321,12 +321,12 @@ def load_member(layout, member: str, k: int, ids: list[str], test_ids: list[str]
             if h is not None:
                 hidden[idx] = h
         if probs is None or np.isnan(probs).any():
-            raise ValueError(f"features of {member}: some rows have no prediction")
+            raise ValueError(f"features of {member}: some {what} rows have no prediction")
         return hidden, probs
 
-    oof_h, oof_p = gather([f["oof"] for f in folds], ids)
+    oof_h, oof_p = gather([f["oof"] for f in folds], ids, "out-of-fold")
     if not test_ids:
         return MemberFeatures(oof_h, oof_p, None, None)
-    tests = [gather([f["test"]], test_ids) for f in folds]  # every fold model answers every test row
+    tests = [gather([f["test"]], test_ids, f"fold {i}'s test") for i, f in enumerate(folds)]  # every fold model, every test row
     test_h = None if tests[0][0] is None else np.stack([h for h, _ in tests])
     return MemberFeatures(oof_h, oof_p, test_h, np.stack([p for _, p in tests]))
