@@ -91,16 +91,13 @@ def main(argv=None) -> int:
     ap.add_argument("--num-cpus", type=int)
     args = ap.parse_args(argv)
     data = Path(args.data_dir)
-    if not (data / "dev.jsonl").exists():
-        print(f"no NIKL data in {data}: pass --data-dir", file=sys.stderr)
+    if nikl_cpu.missing_data(data, "dev.jsonl"):
         return 2
     from nikl_ray.cli import setup_logging
 
     setup_logging(0)
     started = time.time()
-    bench = argparse.Namespace(holdout_dev=True, folds=args.folds, epochs=args.epochs, target_encoding="inline",
-                               pretrain_share=0.0, budget_minutes=None, classical=True, results=args.results)
-    raw = nikl_cpu.experiment(bench, data)
+    raw = nikl_cpu.holdout_experiment(args.data_dir, args.results, args.folds, args.epochs, ["tfidf-lr"])
     raw["distill"] = {"student": args.student, "overrides": {"epochs": args.student_epochs}}
     run = nr.open_run(parse_experiment(raw, REPO, "benchmark"))
     nr.connect(run, local=True, num_cpus=args.num_cpus)
@@ -143,7 +140,7 @@ def main(argv=None) -> int:
               "p50 × ensemble": r["p50_ratio"], "replica RSS MB": r["rss_mb"], "RSS × ensemble": r["rss_ratio"]}
              for n, r in results.items()]
     oof = result["out_of_fold_micro_f1"]
-    lines = [f"# Distilled student against the ensemble, NIKL dev (held out)\n",
+    lines = ["# Distilled student against the ensemble, NIKL dev (held out)\n",
              f"{len(dev)} dev rows never seen by the run; teacher **{student['teacher']}** (out-of-fold "
              f"{oof[student['teacher']]:.4f}), student {student['name']} (out-of-fold {oof['student']:.4f}, "
              f"{args.student_epochs} epochs); {args.folds} folds, {result['total_seconds'] / 60:.1f} min in all "

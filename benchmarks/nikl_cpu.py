@@ -64,7 +64,23 @@ def experiment(args, data: Path) -> dict:
     }
 
 
-def main(argv=None) -> int:
+def holdout_experiment(data_dir: str, results: str, folds: int, epochs: int, classical: list[str]) -> dict:
+    """The `--holdout-dev --no-pretrain` experiment the other NIKL benchmarks build on (distill.py,
+    test_rows.py): train.jsonl learns, dev.jsonl is the test file, random-init backbones."""
+    args = parser().parse_args(["--holdout-dev", "--no-pretrain", "--data-dir", data_dir, "--results", results,
+                                "--folds", str(folds), "--epochs", str(epochs), "--classical", *classical])
+    return experiment(args, Path(data_dir))
+
+
+def missing_data(data: Path, needs: str) -> bool:
+    """True (and why, on stderr) when `data` lacks the NIKL file `needs`."""
+    if (data / needs).exists():
+        return False
+    print(f"no NIKL data in {data} ({needs} is missing): pass --data-dir", file=sys.stderr)
+    return True
+
+
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "nikl_ea_2023"))
     ap.add_argument("--results", default=str(REPO / "results" / "bench"))
@@ -81,10 +97,13 @@ def main(argv=None) -> int:
     ap.add_argument("--classical", nargs="+", default=["tfidf-lr", "nbsvm"],
                     help="the classical members (default tfidf-lr and nbsvm)")
     ap.add_argument("--num-cpus", type=int)
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
     data = Path(args.data_dir)
-    if not (data / "train.jsonl").exists():
-        print(f"no NIKL data in {data}: pass --data-dir", file=sys.stderr)
+    if missing_data(data, "train.jsonl"):
         return 2
     from nikl_ray.cli import setup_logging
 

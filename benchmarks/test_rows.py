@@ -39,11 +39,8 @@ from nikl_ray.tables import markdown  # noqa: E402
 def nikl(args, out: Path) -> tuple[dict, Path]:
     import nikl_cpu
 
-    bench = argparse.Namespace(holdout_dev=True, folds=args.folds, epochs=args.epochs, target_encoding="inline",
-                               pretrain_share=0.0, budget_minutes=None, classical=["tfidf-lr", "nbsvm"],
-                               results=str(out / "nikl"))
-    data = Path(args.nikl)
-    return nikl_cpu.experiment(bench, data), data / "dev.jsonl"
+    raw = nikl_cpu.holdout_experiment(args.nikl, str(out / "nikl"), args.folds, args.epochs, ["tfidf-lr", "nbsvm"])
+    return raw, Path(args.nikl) / "dev.jsonl"
 
 
 def nsmc(args, out: Path) -> tuple[dict, Path]:
