@@ -85,7 +85,8 @@ def main(argv=None) -> int:
 
 def packed_batch(args, out: Path) -> int:
     """The packed blocks per step that carry a padded step's tokens: the padded rows' mean length (each
-    text cut at max_length, with the tokenizer the tiny init is built with) × its batch / max_length."""
+    text cut at max_length, over the whole corpus, with the tokenizer the tiny init is built with) × its batch
+    / max_length."""
     from transformers import AutoTokenizer
 
     from nikl_ray import open_run
@@ -95,7 +96,7 @@ def packed_batch(args, out: Path) -> int:
     spec = run.config.backbones[0]
     texts, _ = pretrain_corpus(run.config, spec)
     tokenizer = AutoTokenizer.from_pretrained(spec.checkpoint)
-    lengths = [min(len(ids), args.max_length) for ids in tokenizer(texts[:20000])["input_ids"]]
+    lengths = [min(len(ids), args.max_length) for ids in tokenizer(texts)["input_ids"]]
     return max(1, round(args.batch_size * statistics.mean(lengths) / args.max_length))
 
 

@@ -55,9 +55,10 @@ class PretrainConfig(BaseModel):
     steps: int | None = Field(None, ge=1, description="Optimizer steps (instead of minutes).")
     max_length: int = Field(64, ge=8, le=8192, description="Tokens per training row: a block of packed text, or "
                                                            "one text cut there (packing: false).")
-    packing: bool = Field(True, description="Texts joined by the tokenizer's separator (eos; sep for mlm) and cut "
-                                            "into full max_length blocks, as HF's language-modelling examples do: no "
-                                            "step spent on padding. An epoch is one pass over the corpus's tokens.")
+    packing: bool = Field(True, description="Texts run together and cut into full max_length blocks, as HF's "
+                                            "language-modelling examples do: no step spent on padding. Causal LM: "
+                                            "positions restart at each text and no text attends to another. An "
+                                            "epoch is one pass over the corpus's tokens.")
     lr: float = Field(5e-4, gt=0, lt=1)
     batch_size: int = Field(64, ge=1, description="Per worker.")
     mask_probability: float = Field(0.15, gt=0, lt=1, description="mlm: share of tokens masked.")

@@ -43,26 +43,61 @@ class PretrainRun:
 
 
 def lm_dataset(tokenizer, texts: list[str], max_length: int, *, packed: bool, mlm: bool):
-    """The language-modelling rows of `texts`: packed, each text's tokens then the separator (eos;
-    for mlm the encoder's own [CLS] … [SEP]), run together and cut into full `max_length` blocks
-    (HF's `group_texts`; the tail of each thousand texts that fills no block is dropped); or one
-    row per text, cut at `max_length` and padded by the collator."""
+    """The language-modelling rows of `texts`, packed or (`packed=False`) one row per text, cut at
+    `max_length` and padded by the collator.
+
+    Packed rows are full `max_length` blocks of the texts' tokens in order (HF's `group_texts`; the
+    tail of each thousand texts that fills no block is dropped). For mlm the encoder's own
+    [CLS] … [SEP] mark each text. For clm each block also carries `position_ids` that restart at
+    every text and `labels` with the text's first token left out: HF's causal mask then keeps each
+    text's attention to itself (`packed_documents`), so a block teaches what one padded row per text
+    teaches, with no step spent on padding."""
     from datasets import Dataset
 
     ds = Dataset.from_dict({"text": texts})
     if not packed:
         return ds.map(lambda b: tokenizer(b["text"], truncation=True, max_length=max_length), batched=True,
                       remove_columns=["text"])
-    sep = tokenizer.sep_token_id if mlm else tokenizer.eos_token_id
 
     def blocks(batch):
-        ids = []
-        for row in tokenizer(batch["text"], add_special_tokens=mlm)["input_ids"]:
-            ids += row if row and row[-1] == sep else row + [sep]
-        chunks = [ids[i:i + max_length] for i in range(0, len(ids) // max_length * max_length, max_length)]
-        return {"input_ids": chunks, "attention_mask": [[1] * max_length for _ in chunks]}
+        ids, starts = [], []
+        for row in tokenizer(batch["text"])["input_ids"]:
+            ids += row
+            starts += [True] + [False] * (len(row) - 1)
+        out = {"input_ids": [], "attention_mask" if mlm else "position_ids": [], **({} if mlm else {"labels": []})}
+        for b in range(0, len(ids) // max_length * max_length, max_length):
+            block = ids[b:b + max_length]
+            if mlm:
+                out["attention_mask"].append([1] * max_length)
+                out["input_ids"].append(block)
+                continue
+            # positions from 0 at each text and at the block's start (a text cut by the block edge)
+            pos, p = [], 0
+            for j, start in enumerate(starts[b:b + max_length]):
+                p = 0 if start or j == 0 else p + 1
+                pos.append(p)
+            out["input_ids"].append(block)
+            out["position_ids"].append(pos)
+            out["labels"].append([-100 if start else t for t, start in zip(block, starts[b:b + max_length])])
+        return out
 
     return ds.map(blocks, batched=True, batch_size=1000, remove_columns=["text"])
+
+
+class packed_documents:
+    """The collator for `lm_dataset`'s rows: packed clm blocks are stacked as they are (their labels and
+    positions made), every other row goes through HF's language-modelling collator (padding, masking).
+    Packed clm training needs `use_cache` off: HF reads text boundaries from `position_ids` only then."""
+
+    def __init__(self, tokenizer, mlm: bool, mask_probability: float):
+        from transformers import DataCollatorForLanguageModeling
+
+        self.lm = DataCollatorForLanguageModeling(tokenizer, mlm=mlm, mlm_probability=mask_probability)
+
+    def __call__(self, features):
+        from transformers import default_data_collator
+
+        return default_data_collator(features) if "position_ids" in features[0] else self.lm(features)
 
 
 def pretrain_loop(config: dict) -> None:
@@ -78,8 +113,8 @@ def pretrain_loop(config: dict) -> None:
     import torch
     import torch.distributed as dist
     from ray.train.huggingface.transformers import RayTrainReportCallback
-    from transformers import (AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer, DataCollatorForLanguageModeling,
-                              PrinterCallback, Trainer, TrainerCallback, TrainingArguments, set_seed)
+    from transformers import (AutoModelForCausalLM, AutoModelForMaskedLM, AutoTokenizer, PrinterCallback, Trainer,
+                              TrainerCallback, TrainingArguments, set_seed)
 
     from nikl_ray.train_callbacks import Track
 
@@ -95,6 +130,9 @@ def pretrain_loop(config: dict) -> None:
         spec.checkpoint, trust_remote_code=spec.trust_remote_code)
 
     train_ds = lm_dataset(tokenizer, ray.get(run.texts), cfg.max_length, packed=cfg.packing, mlm=mlm)
+    use_cache = getattr(model.config, "use_cache", None)
+    if use_cache is not None:  # with a cache, HF's causal mask ignores the packed texts' boundaries
+        model.config.use_cache = False
     # held out text by text, packed or not: its perplexity is per text, as the folds will read rows
     held_ds = lm_dataset(tokenizer, ray.get(run.heldout), cfg.max_length, packed=False, mlm=mlm)
     budget = cfg.minutes * 60 if cfg.minutes else None
@@ -156,7 +194,7 @@ def pretrain_loop(config: dict) -> None:
               "train_texts": len(train_ds), "heldout_texts": len(held_ds), "world_size": world, "device": run.device}
     tracker = Tracker.open(run.tracking, run.name, Path(run.storage) / run.name, params) if rank == 0 else Tracker([])
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=held_ds,
-                      data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=mlm, mlm_probability=cfg.mask_probability),
+                      data_collator=packed_documents(tokenizer, mlm, cfg.mask_probability),
                       processing_class=tokenizer, callbacks=[Budget(), Track(tracker), RayTrainReportCallback()])
     trainer.remove_callback(PrinterCallback)
     checkpoint = ray.train.get_checkpoint()
@@ -179,6 +217,8 @@ def pretrain_loop(config: dict) -> None:
     from nikl_ray.artifacts import write_json
 
     write_json(out / f"worker{rank}.json", mine)
+    if use_cache is not None:
+        model.config.use_cache = use_cache
     trainer.save_model(run.model_dir)  # safetensors, with the tokenizer (written by rank 0)
     if rank == 0:
         losses = [{"step": h["step"], "loss": h["loss"]} for h in trainer.state.log_history if "loss" in h and "step" in h]

@@ -32,7 +32,7 @@ def test_the_corpus_reads_jsonl_tsv_and_lines_normalised_deduplicated_and_leaves
 
 
 @pytest.mark.parametrize("kind, mlm", [("gpt_neox", False), ("electra", True)])
-def test_packed_rows_are_full_blocks_of_every_text_and_its_separator_in_order(tiny_backbones, kind, mlm):
+def test_packed_rows_are_full_blocks_of_every_text_in_order(tiny_backbones, kind, mlm):
     from transformers import AutoTokenizer
 
     from nikl_ray.data import read_rows
@@ -43,15 +43,50 @@ def test_packed_rows_are_full_blocks_of_every_text_and_its_separator_in_order(ti
     texts = read_rows(DEMO_DIR / "train.jsonl", get_task("nikl-emotion")).texts[:300]
     packed = lm_dataset(tokenizer, texts, 32, packed=True, mlm=mlm)
     plain = lm_dataset(tokenizer, texts, 32, packed=False, mlm=mlm)
-    sep = tokenizer.sep_token_id if mlm else tokenizer.eos_token_id
-    stream = [t for row in tokenizer(texts, add_special_tokens=mlm)["input_ids"] for t in (row if row[-1] == sep else row + [sep])]
+    rows = tokenizer(texts)["input_ids"]
+    stream = [t for row in rows for t in row]
     blocks = packed["input_ids"]
     assert all(len(b) == 32 for b in blocks) and len(blocks) == len(stream) // 32  # one batch of texts: one tail dropped
     assert [t for b in blocks for t in b] == stream[:len(blocks) * 32]
     assert tokenizer.pad_token_id not in stream
+    if mlm:  # each text between the encoder's own [CLS] … [SEP]
+        assert all(row[0] == tokenizer.cls_token_id and row[-1] == tokenizer.sep_token_id for row in rows)
+    else:  # positions restart at each text (and at each block); a text's first token is no target
+        starts = [i == 0 for row in rows for i in range(len(row))]
+        flat_pos = [p for b in packed["position_ids"] for p in b]
+        flat_labels = [t for b in packed["labels"] for t in b]
+        assert all(p == 0 for p, st in zip(flat_pos, starts) if st)
+        assert all(lab == -100 if st else lab == t for lab, t, st in zip(flat_labels, stream, starts))
     # the same tokens in far fewer rows than one padded row per text
-    assert len(blocks) < len(plain) / 3 and sum(map(len, plain["input_ids"])) <= len(stream) + len(texts)
+    assert len(blocks) < len(plain) / 3 and sum(map(len, plain["input_ids"])) <= len(stream)
     assert len(plain) == len(texts) and max(map(len, plain["input_ids"])) <= 32  # packing: false is one cut row per text
+
+
+def test_a_packed_causal_block_teaches_what_its_texts_teach_one_row_each(tiny_backbones):
+    """No attention across texts: the block's loss is the mean of its whole texts' token losses, each
+    text read alone, as the folds and the held-out perplexity read them."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from nikl_ray.pretraining import lm_dataset, packed_documents
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_backbones["gpt_neox"])
+    model = AutoModelForCausalLM.from_pretrained(tiny_backbones["gpt_neox"]).eval()
+    model.config.use_cache = False
+    texts = ["오늘은 기분이 정말 좋다", "왜 이렇게 화가 나는지 모르겠어", "슬픈 영화를 봤다", "내일 또 보자"] * 4
+    lengths = [len(r) for r in tokenizer(texts)["input_ids"]]
+    whole = next(n for n in range(len(texts), 0, -1) if sum(lengths[:n]) <= 48)  # texts wholly in the block
+    block = lm_dataset(tokenizer, texts, sum(lengths[:whole]), packed=True, mlm=False)
+    batch = packed_documents(tokenizer, False, 0.15)([block[0]])
+    with torch.no_grad():
+        packed_loss = model(**batch).loss.item()
+        alone = [model(**tokenizer(t, return_tensors="pt"), labels=tokenizer(t, return_tensors="pt")["input_ids"]).loss.item()
+                 for t in texts[:whole]]
+    expected = sum(loss * (n - 1) for loss, n in zip(alone, lengths)) / sum(n - 1 for n in lengths[:whole])
+    assert packed_loss == pytest.approx(expected, rel=1e-4)
+    model.config.use_cache = True  # with a cache HF drops the boundaries, and the texts see each other
+    with torch.no_grad():
+        assert model(**batch).loss.item() != pytest.approx(expected, rel=1e-4)
 
 
 def _config(tmp_path, checkpoint: str) -> dict:
