@@ -85,8 +85,8 @@ def lm_dataset(tokenizer, texts: list[str], max_length: int, *, packed: bool, ml
 
 
 class packed_documents:
-    """The collator for `lm_dataset`'s rows: packed clm blocks are stacked as they are (their labels and
-    positions made), every other row goes through HF's language-modelling collator (padding, masking).
+    """The collator for `lm_dataset`'s rows: packed clm blocks are stacked as they are (labels and positions
+    already made), every other row goes through HF's language-modelling collator (padding, masking).
     Packed clm training needs `use_cache` off: HF reads text boundaries from `position_ids` only then."""
 
     def __init__(self, tokenizer, mlm: bool, mask_probability: float):
