@@ -50,7 +50,7 @@ def lm_dataset(tokenizer, texts: list[str], max_length: int, *, packed: bool, ml
     tail of each thousand texts that fills no block is dropped). For mlm the encoder's own
     [CLS] … [SEP] mark each text. For clm each block also carries `position_ids` that restart at
     every text and `labels` with the text's first token left out: HF's causal mask then keeps each
-    text's attention to itself (`packed_documents`), so a block teaches what one padded row per text
+    text's attention to itself (`LMCollator`), so a block teaches what one padded row per text
     teaches, with no step spent on padding."""
     from datasets import Dataset
 
@@ -60,44 +60,42 @@ def lm_dataset(tokenizer, texts: list[str], max_length: int, *, packed: bool, ml
                       remove_columns=["text"])
 
     def blocks(batch):
-        ids, starts = [], []
-        for row in tokenizer(batch["text"])["input_ids"]:
-            ids += row
-            starts += [True] + [False] * (len(row) - 1)
-        out = {"input_ids": [], "attention_mask" if mlm else "position_ids": [], **({} if mlm else {"labels": []})}
-        for b in range(0, len(ids) // max_length * max_length, max_length):
-            block = ids[b:b + max_length]
-            if mlm:
-                out["attention_mask"].append([1] * max_length)
-                out["input_ids"].append(block)
-                continue
+        rows = tokenizer(batch["text"])["input_ids"]
+        ids = [t for row in rows for t in row]
+        starts = [i == 0 for row in rows for i in range(len(row))]
+        cuts = range(0, len(ids) // max_length * max_length, max_length)
+        if mlm:
+            return {"input_ids": [ids[c:c + max_length] for c in cuts], "attention_mask": [[1] * max_length for _ in cuts]}
+        out = {"input_ids": [], "position_ids": [], "labels": []}
+        for c in cuts:
+            block, begins = ids[c:c + max_length], starts[c:c + max_length]
             # positions from 0 at each text and at the block's start (a text cut by the block edge)
             pos, p = [], 0
-            for j, start in enumerate(starts[b:b + max_length]):
-                p = 0 if start or j == 0 else p + 1
+            for j, begin in enumerate(begins):
+                p = 0 if begin or j == 0 else p + 1
                 pos.append(p)
             out["input_ids"].append(block)
             out["position_ids"].append(pos)
-            out["labels"].append([-100 if start else t for t, start in zip(block, starts[b:b + max_length])])
+            out["labels"].append([-100 if begin else t for t, begin in zip(block, begins)])
         return out
 
     return ds.map(blocks, batched=True, batch_size=1000, remove_columns=["text"])
 
 
-class packed_documents:
-    """The collator for `lm_dataset`'s rows: packed clm blocks are stacked as they are (labels and positions
-    already made), every other row goes through HF's language-modelling collator (padding, masking).
-    Packed clm training needs `use_cache` off: HF reads text boundaries from `position_ids` only then."""
+class LMCollator:
+    """The collator for `lm_dataset`'s rows (Trainer takes one for training and evaluation): packed clm
+    blocks, which arrive with their labels and positions, are stacked as they are; every other row goes
+    through HF's language-modelling collator (padding, masking). Packed clm training needs `use_cache`
+    off: HF reads the texts' boundaries from `position_ids` only then."""
 
     def __init__(self, tokenizer, mlm: bool, mask_probability: float):
-        from transformers import DataCollatorForLanguageModeling
+        from transformers import DataCollatorForLanguageModeling, default_data_collator
 
         self.lm = DataCollatorForLanguageModeling(tokenizer, mlm=mlm, mlm_probability=mask_probability)
+        self.stack = default_data_collator
 
     def __call__(self, features):
-        from transformers import default_data_collator
-
-        return default_data_collator(features) if "position_ids" in features[0] else self.lm(features)
+        return self.stack(features) if "position_ids" in features[0] else self.lm(features)
 
 
 def pretrain_loop(config: dict) -> None:
@@ -194,7 +192,7 @@ def pretrain_loop(config: dict) -> None:
               "train_texts": len(train_ds), "heldout_texts": len(held_ds), "world_size": world, "device": run.device}
     tracker = Tracker.open(run.tracking, run.name, Path(run.storage) / run.name, params) if rank == 0 else Tracker([])
     trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=held_ds,
-                      data_collator=packed_documents(tokenizer, mlm, cfg.mask_probability),
+                      data_collator=LMCollator(tokenizer, mlm, cfg.mask_probability),
                       processing_class=tokenizer, callbacks=[Budget(), Track(tracker), RayTrainReportCallback()])
     trainer.remove_callback(PrinterCallback)
     checkpoint = ray.train.get_checkpoint()

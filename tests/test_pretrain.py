@@ -68,7 +68,7 @@ def test_a_packed_causal_block_teaches_what_its_texts_teach_one_row_each(tiny_ba
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from nikl_ray.pretraining import lm_dataset, packed_documents
+    from nikl_ray.pretraining import LMCollator, lm_dataset
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_backbones["gpt_neox"])
     model = AutoModelForCausalLM.from_pretrained(tiny_backbones["gpt_neox"]).eval()
@@ -77,7 +77,7 @@ def test_a_packed_causal_block_teaches_what_its_texts_teach_one_row_each(tiny_ba
     lengths = [len(r) for r in tokenizer(texts)["input_ids"]]
     whole = next(n for n in range(len(texts), 0, -1) if sum(lengths[:n]) <= 48)  # texts wholly in the block
     block = lm_dataset(tokenizer, texts, sum(lengths[:whole]), packed=True, mlm=False)
-    batch = packed_documents(tokenizer, False, 0.15)([block[0]])
+    batch = LMCollator(tokenizer, False, 0.15)([block[0]])
     with torch.no_grad():
         packed_loss = model(**batch).loss.item()
         alone = [model(**tokenizer(t, return_tensors="pt"), labels=tokenizer(t, return_tensors="pt")["input_ids"]).loss.item()
