@@ -205,17 +205,20 @@ def mlflow_experiment(uri: str, name: str, artifacts: Path) -> str:
 
 
 def mark_killed(target: Target, run_dirs) -> None:
-    """MLflow runs that a killed process left RUNNING (trials ASHA stopped): KILLED, as MLflow names it.
-    A W&B offline run folder needs nothing: `wandb sync` uploads what it holds."""
+    """MLflow runs of these run folders that a killed process left RUNNING (trials ASHA stopped, a
+    trial killed with its driver): KILLED, as MLflow names it. Found by name in the target's experiment
+    and results folder, not by the folder's ids: a process killed inside `Tracker.open` made its run
+    but not that file. Call it when none of them can be running. A W&B offline run folder needs
+    nothing: `wandb sync` uploads what it holds."""
     if not target.mlflow_uri:
         return
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=target.mlflow_uri)
-    for d in run_dirs:
-        run_id = json.loads((d / IDS).read_text()).get("mlflow") if (d / IDS).exists() else None
-        if run_id and client.get_run(run_id).info.status == "RUNNING":
-            client.set_terminated(run_id, status="KILLED")
+    names = {Path(d).name for d in run_dirs}
+    for run in client.search_runs([target.mlflow_experiment_id], "attributes.status = 'RUNNING'", max_results=50000):
+        if run.info.run_name in names and run.data.tags.get("results") == target.tags.get("results"):
+            client.set_terminated(run.info.run_id, status="KILLED")
 
 
 # ---------------------------------------------------------------------------- one tracked run
@@ -240,14 +243,18 @@ class Tracker:
                 tracker.sinks.append(TensorBoardSink(run_dir / "tensorboard"))
             if target.mlflow_uri:
                 tracker.sinks.append(MlflowSink(target, name, ids.get("mlflow")))
+                tracker.keep_ids(ids_path)  # now, not after W&B's slow start: a kill meanwhile loses no id
             if target.wandb:
                 tracker.sinks.append(WandbSink(target, name, run_dir, ids.get("wandb")))
         except Exception:
             tracker.close(failed=True)  # the trackers already opened are not left running
             raise
-        ids_path.write_text(json.dumps({s.kind: s.run_id for s in tracker.sinks if s.run_id}, indent=1))
+        tracker.keep_ids(ids_path)
         tracker.params(params)
         return tracker
+
+    def keep_ids(self, path: Path) -> None:
+        path.write_text(json.dumps({s.kind: s.run_id for s in self.sinks if s.run_id}, indent=1))
 
     def params(self, values: dict) -> None:
         flat = {k: v for k, v in flatten(values).items() if v is not None}

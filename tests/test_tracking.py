@@ -150,3 +150,29 @@ def test_a_long_epoch_prints_progress_lines_inside_it(tiny_backbones, tmp_path, 
                          line)]
     assert len(epoch_lines) == 2, lines
     assert sum(i < epoch_lines[0] for i in steps) >= 3 and sum(epoch_lines[0] < i < epoch_lines[1] for i in steps) >= 3, lines
+
+
+def test_runs_a_kill_left_running_are_marked_killed_even_without_their_ids_file(tmp_path):
+    """A trial killed with its driver inside `Tracker.open` made its MLflow run, not its `tracking.json`."""
+    from mlflow.tracking import MlflowClient
+
+    from nikl_ray.tracking import Target, mark_killed, mlflow_experiment
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    exp_id = mlflow_experiment(uri, "nikl-emotion/tune/neox", tmp_path / "artifacts")
+    ours, theirs = {"results": str(tmp_path / "res")}, {"results": str(tmp_path / "other")}
+    target = Target("tune", "nikl-emotion/tune/neox", False, uri, exp_id, None, 20, 60.0, False, ours)
+    client = MlflowClient(tracking_uri=uri)
+    run = lambda name, tags: client.create_run(exp_id, run_name=name, tags=tags).info.run_id  # noqa: E731
+    no_ids, with_ids, finished = run("neox-a", ours), run("neox-b", ours), run("neox-c", ours)
+    other_results, not_listed = run("neox-a", theirs), run("neox-d", ours)
+    client.set_terminated(finished)
+    dirs = [tmp_path / "runs" / n for n in ("neox-a", "neox-b", "neox-c")]
+    for d in dirs:
+        d.mkdir(parents=True)
+    (dirs[1] / "tracking.json").write_text(json.dumps({"mlflow": with_ids}))
+
+    mark_killed(target, dirs)
+    status = lambda r: client.get_run(r).info.status  # noqa: E731
+    assert [status(r) for r in (no_ids, with_ids, finished)] == ["KILLED", "KILLED", "FINISHED"]
+    assert status(other_results) == status(not_listed) == "RUNNING"  # another results folder's, another search's

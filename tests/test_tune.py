@@ -126,15 +126,19 @@ def test_a_killed_search_resumes_and_pipeline_with_tune_run_twice_does_its_work_
     # the dashboard names each trial's Train run by backbone and sampled values
     names = {r["name"] for r in train_runs(api_server())}
     assert any(n.startswith("neox-lora_r=") and ",lr=" in n for n in names), names
-    # one tracked run per trial, under that name, grouped by the search; none left running
+    # one tracked run per trial, under that name, grouped by the search; none left running, not even one
+    # of a trial the kill caught starting, before the search's saved state had it (the rerun forgot it)
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'res' / 'tracking' / 'mlflow.db'}")
     tracked = client.search_runs([client.get_experiment_by_name("nikl-emotion/tune/neox").experiment_id])
-    trial_runs = sorted(p for p in (search.parent / "train_runs").iterdir() if p.is_dir())
-    assert sorted(r.info.run_name for r in tracked) == [p.name for p in trial_runs]
-    assert all(r.info.status in ("FINISHED", "KILLED") and r.data.params["lora_r"] for r in tracked), tracked
-    status = {r.info.run_name: r.info.status for r in tracked}
+    assert all(r.info.status in ("FINISHED", "KILLED") for r in tracked), {r.info.run_name: r.info.status for r in tracked}
+    trial_ids = {d.name.split("_")[1] for d in _trial_dirs(search)}
+    trial_runs = sorted(p for p in (search.parent / "train_runs").iterdir() if p.name.rsplit("-", 1)[1] in trial_ids)
+    ours = [r for r in tracked if r.info.run_name.rsplit("-", 1)[1] in trial_ids]
+    assert sorted(r.info.run_name for r in ours) == [p.name for p in trial_runs] and len(trial_runs) == 3
+    assert all(r.data.params.get("lora_r") for r in ours), ours
+    status = {r.info.run_name: r.info.status for r in ours}
     for trial in trial_runs:  # W&B writes its offline run file every 15 s: a trial ASHA killed sooner left only its header
         assert list(trial.glob("wandb/offline-run-*/*.wandb")) and list(trial.glob("tensorboard/events.*"))
         if status[trial.name] == "FINISHED":
