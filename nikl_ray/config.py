@@ -102,11 +102,12 @@ class Experiment(BaseModel):
     results: Path = Field(Path("results"), description="Results root.")
     folds: FoldsConfig = FoldsConfig()
     backbones: list[BackboneSpec] = Field(min_length=1)
-    classical: bool | list[Literal["tfidf-lr", "tfidf-wc-lr", "nbsvm"]] = Field(
+    classical: bool | list[Literal["tfidf-lr", "tfidf-wc-lr", "nbsvm", "use-lr"]] = Field(
         True, description="Classical members, each cross-fitted like a backbone (nikl_ray/members.py): true is "
                           "char n-gram TF-IDF + logistic regression (classify tasks), or TF-IDF retrieval of the "
                           "nearest training question's answer (generate tasks); a list names classify members: "
-                          "tfidf-lr, tfidf-wc-lr (word and char n-grams), nbsvm (NB-SVM, calibrated).")
+                          "tfidf-lr, tfidf-wc-lr (word and char n-grams), nbsvm (NB-SVM, calibrated), use-lr "
+                          "(multilingual USE v3 sentence vectors + logistic regression).")
     retrieval_items: int = Field(5, ge=1, le=50, description="generate tasks: the retrieval member's candidates for MBR "
                                                              "are the references of this many nearest training items "
                                                              "(its own answer: the nearest one's first).")

@@ -8,9 +8,11 @@
   `tfidf-wc-lr`   character 1–4-grams and word 1–2-grams together, logistic regression;
   `nbsvm`         NB-SVM (Wang & Manning 2012): binary character 1–5-gram features scaled by
                   each label's log-count ratio, a linear SVM, its scores made probabilities by
-                  Platt scaling fitted on 3-fold cross-validated scores of the training part.
+                  Platt scaling fitted on 3-fold cross-validated scores of the training part;
+  `use-lr`        multilingual Universal Sentence Encoder v3 vectors of the text and of the target,
+                  side by side, + logistic regression: the one pretrained view (SentenceVectors).
   Each is one linear model per label over its features (NB-SVM's ratio and Platt's slope fold
-  into its weights), kept as JSON vocabularies + `.npy` arrays, never pickled. A label with
+  into its weights), kept as JSON vocabularies (none for `use-lr`) + `.npy` arrays, never pickled. A label with
   no positive (or no negative) row in a fold's training part gets a constant model.
 
 The features stage and the Predictor both use these, so a row is read the same way in both.
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,7 +38,8 @@ log = logging.getLogger(__name__)
 # NB-SVM's binary 1–5-grams and C were chosen on NSMC-like rows 100k–112k, which no benchmark scores
 CLASSICAL = {"tfidf-lr": ({"char_wb": (1, 4)}, "tfidf", "lr"),
              "tfidf-wc-lr": ({"char_wb": (1, 4), "word": (1, 2)}, "tfidf", "lr"),
-             "nbsvm": ({"char_wb": (1, 5)}, "binary", "nbsvm")}
+             "nbsvm": ({"char_wb": (1, 5)}, "binary", "nbsvm"),
+             "use-lr": ({}, "sentence-vectors", "lr-dense")}
 RETRIEVAL = "retrieval"  # a generate task's classical member (nikl_ray/qa/answers.py)
 
 
@@ -138,6 +142,31 @@ def classical_text(rows: TextRows) -> list[str]:
     return [f"{t} | {g}" if g else t for t, g in zip(rows.texts, rows.targets)]
 
 
+class SentenceVectors:
+    """USE v3 vectors (nikl_ray/qa/metrics.py UseEmbedder) of each row's text and of its target, side
+    by side (1,024 columns; a row without a target has a space's). Each string is embedded once and
+    kept, so a filled instance handed to every fold's Ray task spares them embedding the same rows."""
+
+    def __init__(self, threads: int = 1):
+        self.threads, self.index, self.array = threads, {}, np.zeros((0, 512), np.float32)
+
+    def add(self, strings) -> "SentenceVectors":
+        new = sorted(set(strings) - self.index.keys())
+        if new:
+            from nikl_ray.qa.metrics import UseEmbedder
+
+            t0 = time.time()
+            self.index |= {s: len(self.index) + i for i, s in enumerate(new)}
+            self.array = np.concatenate([self.array, UseEmbedder(self.threads).encode(new)])
+            log.info("sentence vectors: %d strings embedded in %.0f s", len(new), time.time() - t0)
+        return self
+
+    def __call__(self, rows: TextRows) -> np.ndarray:
+        targets = [g or " " for g in rows.targets]
+        self.add(list(rows.texts) + targets)
+        return np.hstack([self.array[[self.index[t] for t in rows.texts]], self.array[[self.index[g] for g in targets]]])
+
+
 def _vectorizer(analyzer: str, ngrams: tuple[int, int], weighting: str, vocabulary: dict | None = None):
     from sklearn.feature_extraction.text import CountVectorizer, TfidfVectorizer
 
@@ -187,14 +216,19 @@ def _binary(x, y: np.ndarray, classifier: str) -> tuple[np.ndarray, float]:
         return np.zeros(x.shape[1], np.float32), _constant(y)
     if classifier == "nbsvm":
         return _nbsvm(x, y)
+    if classifier == "lr-dense":  # unit-norm sentence vectors: lbfgs at scikit-learn's default C
+        clf = LogisticRegression(C=1.0, max_iter=2000).fit(x, y)
+        return clf.coef_[0], float(clf.intercept_[0])
     clf = LogisticRegression(C=4.0, max_iter=2000, solver="liblinear", random_state=0).fit(x, y)
     return clf.coef_[0], float(clf.intercept_[0])
 
 
-def fit_classical(rows: TextRows, labels: np.ndarray, multi_label: bool, name: str = "tfidf-lr") -> dict:
+def fit_classical(rows: TextRows, labels: np.ndarray, multi_label: bool, name: str = "tfidf-lr",
+                  vectors: SentenceVectors | None = None) -> dict:
     """{name, vocabularies, idf, coef (L', d), intercept (L',), link}: one binary model per label
     (multi-label; single-label NB-SVM one-vs-rest, link "ovr"), or one multinomial logistic
-    regression (single-label; binary as one logit, link "softmax")."""
+    regression (single-label; binary as one logit, link "softmax"). `vectors`: the sentence
+    vectors `use-lr` reads (a new SentenceVectors when not given)."""
     from sklearn.linear_model import LogisticRegression
 
     views, weighting, classifier = CLASSICAL[name]
@@ -202,7 +236,7 @@ def fit_classical(rows: TextRows, labels: np.ndarray, multi_label: bool, name: s
     texts = classical_text(rows)
     for v in vectorizers.values():
         v.fit(texts)
-    x = _features(vectorizers, texts)
+    x = (vectors or SentenceVectors())(rows) if weighting == "sentence-vectors" else _features(vectorizers, texts)
     link = "ovr" if multi_label or classifier == "nbsvm" else "softmax"
     if link == "ovr":
         columns = [labels[:, j] > 0 for j in range(labels.shape[1])]
@@ -220,8 +254,8 @@ def fit_classical(rows: TextRows, labels: np.ndarray, multi_label: bool, name: s
             "coef": coef, "intercept": intercept}
 
 
-def classical_probs(model: dict, rows: TextRows, multi_label: bool) -> np.ndarray:
-    """Probabilities (n, L) of a fitted classical model."""
+def classical_probs(model: dict, rows: TextRows, multi_label: bool, vectors: SentenceVectors | None = None) -> np.ndarray:
+    """Probabilities (n, L) of a fitted classical model (`vectors` as for fit_classical)."""
     if not len(rows):  # a run without test rows (scikit-learn refuses an empty batch)
         return np.zeros((0, len(model["intercept"]) if multi_label or len(model["intercept"]) > 1 else 2), np.float32)
     views, weighting, _ = CLASSICAL[model["name"]]
@@ -230,7 +264,8 @@ def classical_probs(model: dict, rows: TextRows, multi_label: bool) -> np.ndarra
         v = vectorizers[analyzer] = _vectorizer(analyzer, views[analyzer], weighting, vocabulary)
         if weighting == "tfidf":  # the views' idf weights, in view order
             v.idf_, start = model["idf"][start:start + len(vocabulary)], start + len(vocabulary)
-    logits = np.asarray(_features(vectorizers, classical_text(rows)) @ model["coef"].T) + model["intercept"]
+    x = (vectors or SentenceVectors())(rows) if weighting == "sentence-vectors" else _features(vectorizers, classical_text(rows))
+    logits = np.asarray(x @ model["coef"].T) + model["intercept"]
     if multi_label:
         return sigmoid(logits).astype(np.float32)
     if logits.shape[1] == 1:  # a binary model: one logit for class 1

@@ -25,7 +25,7 @@ from nikl_ray.backbones import BackboneSpec, load_trained
 from nikl_ray.data import TextRows, first_span
 from nikl_ray.decision import decide, thresholds
 from nikl_ray.layout import Layout
-from nikl_ray.members import CLASSICAL, classical_probs, embed, load_classical
+from nikl_ray.members import CLASSICAL, SentenceVectors, classical_probs, embed, load_classical
 from nikl_ray.modes import mode_of
 from nikl_ray.runspec import assign
 from nikl_ray.stacking import STACKS, Heads, candidate_probs
@@ -147,18 +147,21 @@ class Predictor(FinishedRun):
                                             len(self.task.labels), self.task.multi_label)
         return self._heads[stack]
 
-    def _features(self, member: str, rows: TextRows, folds: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray]:
+    def _features(self, member: str, rows: TextRows, folds: np.ndarray | None,
+                  vectors: SentenceVectors | None = None) -> tuple[np.ndarray | None, np.ndarray]:
         """A member's (hidden, probs) of rows: each from its fold model `folds[row]`, or (bagged,
-        without `folds`) the average of every fold model's."""
+        without `folds`) the average of every fold model's. `vectors`: these rows' sentence vectors,
+        embedded once for all fold models (kept for this call only, so a server's memory stays flat)."""
+        vectors = vectors or SentenceVectors()
         if folds is None:
-            each = [self._features(member, rows, np.full(len(rows), fold)) for fold in range(self.k)]
+            each = [self._features(member, rows, np.full(len(rows), fold), vectors) for fold in range(self.k)]
             return (None if each[0][0] is None else np.mean([h for h, _ in each], 0)), np.mean([p for _, p in each], 0)
         hidden, probs = None, np.zeros((len(rows), len(self.task.labels)), np.float32)
         for fold in np.unique(folds):
             idx = np.flatnonzero(folds == fold)
             model = self._fold_model(member, int(fold))
             if member in CLASSICAL:
-                probs[idx] = classical_probs(model, rows.take(idx), self.task.multi_label)
+                probs[idx] = classical_probs(model, rows.take(idx), self.task.multi_label, vectors)
                 continue
             tokenizer, net = model
             h, p = embed(self.backbones[member], tokenizer, net, rows.take(idx), self.task.multi_label)

@@ -142,7 +142,7 @@ def stacked(trained):
 
 def nsmc_experiment(tmp_path, tiny_backbones, results) -> dict:
     """The single-label task on real NSMC-style reviews: 600 train and 80 test rows copied into
-    `tmp_path`, one tiny GPT-NeoX member (LoRA) + TF-IDF and NB-SVM, 2 folds."""
+    `tmp_path`, one tiny GPT-NeoX member (LoRA) + TF-IDF, NB-SVM and USE + LR, 2 folds."""
     from itertools import islice
 
     def head(src, dst, n):
@@ -154,7 +154,7 @@ def nsmc_experiment(tmp_path, tiny_backbones, results) -> dict:
             "test": head(NSMC_DIR / "ratings_test.txt", tmp_path / "test.txt", 80), "results": str(results),
             "folds": {"k": 2, "seed": 0}, "defaults": {"epochs": 2, "batch_size": 32, "max_length": 48, "lr": 5e-3},
             "backbones": [{"name": "neox", "checkpoint": str(tiny_backbones["gpt_neox"]), "mode": "lora"}],
-            "classical": ["tfidf-lr", "nbsvm"],
+            "classical": ["tfidf-lr", "nbsvm", "use-lr"],
             "ensemble": {"hidden_sizes": [16, 32], "inner_folds": 2, "epochs": 60, "patience": 10}}
 
 

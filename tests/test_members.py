@@ -5,7 +5,7 @@ import pytest
 
 from conftest import DEMO_DIR
 from nikl_ray.data import read_rows
-from nikl_ray.members import CLASSICAL, classical_probs, fit_classical, load_classical, save_classical
+from nikl_ray.members import CLASSICAL, SentenceVectors, classical_probs, fit_classical, load_classical, save_classical
 from nikl_ray.tasks import get_task
 
 
@@ -67,3 +67,18 @@ def test_nbsvm_three_classes_one_vs_rest_sum_to_one():
     assert model["link"] == "ovr" and probs.shape == (len(rows), 3)
     np.testing.assert_allclose(probs.sum(1), 1, atol=1e-5)
     assert classical_probs(model, rows.inputs().take(np.array([], int)), False).shape == (0, 3)
+
+
+def test_sentence_vectors_embed_each_string_once_and_read_a_row_the_same_from_any_instance():
+    rows = read_rows(DEMO_DIR / "train.jsonl", get_task("nikl-emotion")).inputs()
+    shared = SentenceVectors()
+    x = shared(rows)
+    assert x.shape == (len(rows), 1024) and len(shared.index) == len(set(rows.texts) | set(rows.targets))
+    part = rows.take(range(0, len(rows), 3))
+    before = len(shared.index)
+    np.testing.assert_allclose(shared(part), SentenceVectors()(part), atol=1e-5)  # the same row, the same vector
+    assert len(shared.index) == before  # nothing embedded twice
+    # text and target sit side by side: rows with one text and two targets differ in the second half only
+    pair = SentenceVectors()(type(rows)([rows.texts[0]] * 2, ["사람", "노래"], [None, None]))
+    np.testing.assert_allclose(pair[0, :512], pair[1, :512], atol=1e-6)
+    assert np.abs(pair[0, 512:] - pair[1, 512:]).max() > 0.01

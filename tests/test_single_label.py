@@ -32,7 +32,7 @@ def test_sentence_sentiment_pipeline_writes_a_tsv_submission_and_scores_accuracy
     assert {line.rsplit("\t", 1)[1] for line in lines[1:]} <= {"0", "1"}
 
     report = json.loads(out["report"].with_suffix(".json").read_text())
-    assert set(report["members"]) == {"neox", "tfidf-lr", "nbsvm"} and report["metric"] == "accuracy"
+    assert set(report["members"]) == {"neox", "tfidf-lr", "nbsvm", "use-lr"} and report["metric"] == "accuracy"
     assert all(set(r) == {"argmax"} for r in report["table"].values())  # no empty rule columns
     md = out["report"].read_text()
     assert "out-of-fold accuracy" in md and "micro" not in md and "threshold" not in md
@@ -47,7 +47,7 @@ def test_each_classical_member_gives_two_proper_probabilities_for_a_binary_task(
     raw, _ = single_label_run
     exp = parse_experiment(raw)
     rows = read_rows(exp.train, exp.task)
-    for member in ("tfidf-lr", "nbsvm"):
+    for member in ("tfidf-lr", "nbsvm", "use-lr"):
         f = load_member(exp.layout, member, 2, rows.ids, None)
         assert f.oof_probs.shape == (len(rows), 2)
         np.testing.assert_allclose(f.oof_probs.sum(1), 1, atol=1e-5)

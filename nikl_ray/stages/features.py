@@ -28,7 +28,8 @@ from nikl_ray.config import Experiment
 from nikl_ray.data import TextRows
 from nikl_ray.folds import fold_positions
 from nikl_ray.inputs import Inputs
-from nikl_ray.members import CLASSICAL, classical_probs, fit_classical, member_names, save_classical, save_features
+from nikl_ray.members import (CLASSICAL, SentenceVectors, classical_probs, fit_classical, member_names, save_classical,
+                              save_features)
 from nikl_ray.runspec import FoldRun, answering_positions, final_run, held_out_hash
 
 log = logging.getLogger(__name__)
@@ -71,17 +72,24 @@ def neural_features(job: FeatureJob) -> dict:
     return out
 
 
-def classical_features(job: FeatureJob) -> dict:
+def classical_features(job: FeatureJob, vectors: SentenceVectors | None = None) -> dict:
     """Ray task: fit a classical member on one fold's training rows, predict."""
     t0 = time.time()
-    model = fit_classical(job.train, job.train_labels, job.multi_label, job.member)
+    model = fit_classical(job.train, job.train_labels, job.multi_label, job.member, vectors)
     out = {"model": model}
     for part, ids, rows in (("oof", job.oof_ids, job.oof), ("test", job.test_ids, job.test)):
-        out[part] = {"ids": ids, "hidden": None, "probs": classical_probs(model, rows, job.multi_label)}
+        out[part] = {"ids": ids, "hidden": None, "probs": classical_probs(model, rows, job.multi_label, vectors)}
     out["oof"]["seconds"] = time.time() - t0
     return out
 
 
+
+
+def sentence_vectors(rows: TextRows, threads: int) -> SentenceVectors:
+    """Ray task: every row's sentence vectors, once for all folds of the members that read them."""
+    vectors = SentenceVectors(threads)
+    vectors(rows)
+    return vectors
 
 
 def rows_of(exp: Experiment, rows, test, held_idx: np.ndarray, test_idx: np.ndarray, member: str, fold: int) -> dict:
@@ -106,14 +114,14 @@ def run(exp: Experiment, data: Inputs) -> Path:
         from nikl_ray.qa import answers
 
         return answers.run(exp, data)
-    from nikl_ray.cluster import plan_stage
+    from nikl_ray.cluster import cluster_shape, plan_stage
 
     layout, folds, rows, test = exp.layout, data.folds(exp), data.rows, data.test
     k = folds["k"]
     stage = plan_stage(exp, exp.backbones)
     answering = answering_positions(test, k)
     test_hash = test.data_hash() if test is not None else None
-    pending = {}
+    pending, vectors = {}, None
     for member in member_names(exp):
         for fold in range(k):
             positions = fold_positions(rows, folds, fold)
@@ -125,7 +133,15 @@ def run(exp: Experiment, data: Inputs) -> Path:
                 fit_idx = np.concatenate([train_idx, select_idx])  # no epochs to choose: it fits on the whole training part
                 job = FeatureJob(**rows_of(exp, rows, test, held_idx, answering[fold], member, fold),
                                  train=rows.inputs().take(fit_idx), train_labels=rows.labels[fit_idx])
-                fn, opts = classical_features, {"num_cpus": 1}
+                fn, opts, args = classical_features, {"num_cpus": 1}, ()
+                if CLASSICAL[member][1] == "sentence-vectors":
+                    if vectors is None:
+                        parts = [rows.inputs()] + ([test.inputs()] if test is not None else [])
+                        every = TextRows(*(sum((getattr(r, f) for r in parts), []) for f in ("texts", "targets", "spans")))
+                        threads = max(1, min(2, int(cluster_shape().cpus)))
+                        vectors = ray.remote(num_cpus=threads)(sentence_vectors).options(
+                            name="features sentence vectors").remote(every, threads)
+                    args = (vectors,)
             else:
                 spec, pair = exp.backbone(member), layout.pair(member, fold)
                 run_ = final_run(exp, spec, fold, positions, None, stage.placements[member], stage.device,
@@ -134,7 +150,7 @@ def run(exp: Experiment, data: Inputs) -> Path:
                 inputs = {"member": member, "train_manifest": sha256_file(pair / MANIFEST), "k": k, "test_hash": test_hash}
                 job = FeatureJob(**rows_of(exp, rows, test, run_.heldout_idx, run_.features.test_idx, member, fold), run=run_,
                                  checkpoint=str(pair / load_manifest(pair)["best_checkpoint"]), progress=sys.stderr.isatty())
-                fn, opts = neural_features, {"num_cpus": run_.placement.cpus, "num_gpus": run_.placement.gpu_share}
+                fn, opts, args = neural_features, {"num_cpus": run_.placement.cpus, "num_gpus": run_.placement.gpu_share}, ()
             d = layout.features(member, fold)
             why = manifest_problem(d, inputs, __name__)
             if why is None:
@@ -146,7 +162,7 @@ def run(exp: Experiment, data: Inputs) -> Path:
                 log.info("features %s-fold%d: %s → taken from its train run", member, fold, why)
                 continue
             log.info("features %s-fold%d: %s → computing", member, fold, why)
-            pending[ray.remote(**opts)(fn).options(name=f"features {member}-fold{fold}").remote(job)] = (d, inputs, member, fold)
+            pending[ray.remote(**opts)(fn).options(name=f"features {member}-fold{fold}").remote(job, *args)] = (d, inputs, member, fold)
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1)
         d, inputs, member, fold = pending.pop(done[0])
