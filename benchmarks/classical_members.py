@@ -3,12 +3,12 @@
     python benchmarks/classical_members.py                 # NIKL train+dev and the NSMC-like set's first 30,000 rows
     python benchmarks/classical_members.py --folds 3 --nsmc-rows 10000
 
-Each member (nikl_ray/members.py: `tfidf-lr`, `tfidf-wc-lr`, `nbsvm`) is fitted on every fold's
+Each member (nikl_ray/members.py: `tfidf-lr`, `tfidf-wc-lr`, `nbsvm`, `use-lr`) is fitted on every fold's
 training part and predicts the fold's held-out rows, with the project's own fold maker and
 code, so every row gets an out-of-fold probability; its score is the cross-fitted one the
 ensemble reports (each decision rule fitted on the other folds, the best rule's score), beside
 the average of all of them. Seconds are the member's fitting and predicting over all folds,
-also as a ratio to `tfidf-lr`'s in the same run.
+also as a ratio to `tfidf-lr`'s in the same run (`use-lr`'s include embedding every row once).
 
 Writes `classical_members.json` / `.md` under `--results`.
 """
@@ -30,7 +30,7 @@ from nikl_ray.artifacts import write_json, write_text  # noqa: E402
 from nikl_ray.data import read_rows  # noqa: E402
 from nikl_ray.decision import best_rule, score_rules  # noqa: E402
 from nikl_ray.folds import stratified_folds  # noqa: E402
-from nikl_ray.members import CLASSICAL, classical_probs, fit_classical  # noqa: E402
+from nikl_ray.members import CLASSICAL, SentenceVectors, classical_probs, fit_classical  # noqa: E402
 from nikl_ray.tables import markdown  # noqa: E402
 from nikl_ray.tasks import get_task  # noqa: E402
 
@@ -40,13 +40,13 @@ def cross_fitted(rows, labels: np.ndarray, multi_label: bool, k: int) -> tuple[d
     fold_of = np.zeros(len(labels), int)
     for f, held in enumerate(stratified_folds(labels, multi_label, k, 42)):
         fold_of[held] = f
-    probs, seconds = {}, {}
+    probs, seconds, vectors = {}, {}, SentenceVectors(threads=2)  # every row embedded once, as the features stage does
     for name in CLASSICAL:
         t0, out = time.time(), np.zeros(labels.shape, np.float32)
         for f in range(k):
             held, train = np.flatnonzero(fold_of == f), np.flatnonzero(fold_of != f)
-            model = fit_classical(rows.take(train), labels[train], multi_label, name)
-            out[held] = classical_probs(model, rows.take(held), multi_label)
+            model = fit_classical(rows.take(train), labels[train], multi_label, name, vectors)
+            out[held] = classical_probs(model, rows.take(held), multi_label, vectors)
         probs[name], seconds[name] = out, time.time() - t0
         print(f"  {name}: {seconds[name]:.0f} s", flush=True)
     return probs, seconds, fold_of
@@ -55,7 +55,7 @@ def cross_fitted(rows, labels: np.ndarray, multi_label: bool, k: int) -> tuple[d
 def score(name: str, rows, labels: np.ndarray, multi_label: bool, k: int) -> list[dict]:
     print(f"{name}: {len(labels)} rows, {k} folds", flush=True)
     probs, seconds, fold_of = cross_fitted(rows, labels, multi_label, k)
-    probs["average of the three"] = np.mean([probs[m] for m in CLASSICAL], axis=0)
+    probs["average of all"] = np.mean([probs[m] for m in CLASSICAL], axis=0)
     table = []
     for member, p in probs.items():
         rules = score_rules(p, labels, multi_label, fold_of)
