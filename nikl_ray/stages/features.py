@@ -85,9 +85,9 @@ def classical_features(job: FeatureJob, vectors: SentenceVectors | None = None) 
 
 
 
-def sentence_vectors(rows: TextRows, threads: int) -> SentenceVectors:
+def sentence_vectors(rows: TextRows) -> SentenceVectors:
     """Ray task: every row's sentence vectors, once for all folds of the members that read them."""
-    vectors = SentenceVectors(threads)
+    vectors = SentenceVectors()
     vectors(rows)
     return vectors
 
@@ -114,7 +114,7 @@ def run(exp: Experiment, data: Inputs) -> Path:
         from nikl_ray.qa import answers
 
         return answers.run(exp, data)
-    from nikl_ray.cluster import cluster_shape, plan_stage
+    from nikl_ray.cluster import plan_stage
 
     layout, folds, rows, test = exp.layout, data.folds(exp), data.rows, data.test
     k = folds["k"]
@@ -138,9 +138,12 @@ def run(exp: Experiment, data: Inputs) -> Path:
                     if vectors is None:
                         parts = [rows.inputs()] + ([test.inputs()] if test is not None else [])
                         every = TextRows(*(sum((getattr(r, f) for r in parts), []) for f in ("texts", "targets", "spans")))
-                        threads = max(1, min(2, int(cluster_shape().cpus)))
-                        vectors = ray.remote(num_cpus=threads)(sentence_vectors).options(
-                            name="features sentence vectors").remote(every, threads)
+                        # one core, as each classical fold job: the other folds' jobs keep the rest busy,
+                        # and a cluster of one-core nodes can place it
+                        vectors = ray.remote(num_cpus=1)(sentence_vectors).options(
+                            name="features sentence vectors").remote(every)
+                        log.info("features: embedding %d rows' texts and targets once, for every fold of %s",
+                                 len(every), member)
                     args = (vectors,)
             else:
                 spec, pair = exp.backbone(member), layout.pair(member, fold)
