@@ -176,9 +176,13 @@ def _vectorizer(analyzer: str, ngrams: tuple[int, int], weighting: str, vocabula
     return TfidfVectorizer(sublinear_tf=True, **kw) if weighting == "tfidf" else CountVectorizer(binary=True, **kw)
 
 
-def _features(vectorizers: dict, texts: list[str]):
+def _features(vectorizers: dict, rows: TextRows, weighting: str, vectors: SentenceVectors | None):
+    """A classical model's feature matrix of rows: its n-gram views side by side, or sentence vectors."""
     from scipy.sparse import hstack
 
+    if weighting == "sentence-vectors":
+        return (vectors or SentenceVectors())(rows)
+    texts = classical_text(rows)
     return hstack([v.transform(texts) for v in vectorizers.values()], format="csr")
 
 
@@ -233,10 +237,9 @@ def fit_classical(rows: TextRows, labels: np.ndarray, multi_label: bool, name: s
 
     views, weighting, classifier = CLASSICAL[name]
     vectorizers = {a: _vectorizer(a, n, weighting) for a, n in views.items()}
-    texts = classical_text(rows)
     for v in vectorizers.values():
-        v.fit(texts)
-    x = (vectors or SentenceVectors())(rows) if weighting == "sentence-vectors" else _features(vectorizers, texts)
+        v.fit(classical_text(rows))
+    x = _features(vectorizers, rows, weighting, vectors)
     link = "ovr" if multi_label or classifier == "nbsvm" else "softmax"
     if link == "ovr":
         columns = [labels[:, j] > 0 for j in range(labels.shape[1])]
@@ -264,8 +267,7 @@ def classical_probs(model: dict, rows: TextRows, multi_label: bool, vectors: Sen
         v = vectorizers[analyzer] = _vectorizer(analyzer, views[analyzer], weighting, vocabulary)
         if weighting == "tfidf":  # the views' idf weights, in view order
             v.idf_, start = model["idf"][start:start + len(vocabulary)], start + len(vocabulary)
-    x = (vectors or SentenceVectors())(rows) if weighting == "sentence-vectors" else _features(vectorizers, classical_text(rows))
-    logits = np.asarray(x @ model["coef"].T) + model["intercept"]
+    logits = np.asarray(_features(vectorizers, rows, weighting, vectors) @ model["coef"].T) + model["intercept"]
     if multi_label:
         return sigmoid(logits).astype(np.float32)
     if logits.shape[1] == 1:  # a binary model: one logit for class 1

@@ -85,10 +85,11 @@ def classical_features(job: FeatureJob, vectors: SentenceVectors | None = None) 
 
 
 
-def sentence_vectors(rows: TextRows) -> SentenceVectors:
+def sentence_vectors(parts: list[TextRows]) -> SentenceVectors:
     """Ray task: every row's sentence vectors, once for all folds of the members that read them."""
     vectors = SentenceVectors()
-    vectors(rows)
+    for rows in parts:
+        vectors(rows)
     return vectors
 
 
@@ -137,13 +138,12 @@ def run(exp: Experiment, data: Inputs) -> Path:
                 if CLASSICAL[member][1] == "sentence-vectors":
                     if vectors is None:
                         parts = [rows.inputs()] + ([test.inputs()] if test is not None else [])
-                        every = TextRows(*(sum((getattr(r, f) for r in parts), []) for f in ("texts", "targets", "spans")))
                         # one core, as each classical fold job: the other folds' jobs keep the rest busy,
                         # and a cluster of one-core nodes can place it
                         vectors = ray.remote(num_cpus=1)(sentence_vectors).options(
-                            name="features sentence vectors").remote(every)
+                            name="features sentence vectors").remote(parts)
                         log.info("features: embedding %d rows' texts and targets once, for every fold of %s",
-                                 len(every), member)
+                                 sum(map(len, parts)), member)
                     args = (vectors,)
             else:
                 spec, pair = exp.backbone(member), layout.pair(member, fold)
