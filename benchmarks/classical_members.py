@@ -26,12 +26,11 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from nikl_ray.artifacts import write_json, write_text  # noqa: E402
 from nikl_ray.data import read_rows  # noqa: E402
 from nikl_ray.decision import best_rule, score_rules  # noqa: E402
 from nikl_ray.folds import stratified_folds  # noqa: E402
 from nikl_ray.members import CLASSICAL, SentenceVectors, classical_probs, fit_classical  # noqa: E402
-from nikl_ray.tables import markdown  # noqa: E402
+from nikl_ray.tables import markdown, write_result  # noqa: E402
 from nikl_ray.tasks import get_task  # noqa: E402
 
 
@@ -85,12 +84,9 @@ def main(argv=None) -> int:
         rows = read_rows(head, get_task("sentence-sentiment"))
     table += score(f"NSMC-like first {len(rows)}", rows.inputs(), rows.labels, False, args.folds)
     out = Path(args.results)
-    path = write_json(out / "classical_members.json", {"folds": args.folds, "table": table,
-                                                        "total_seconds": time.time() - started})
-    text = (f"# Classical members, cross-fitted ({args.folds} folds)\n\n{markdown(table)}\n\n"
-            f"{(time.time() - started) / 60:.1f} min in all.\n")
-    write_text(path.with_suffix(".md"), text)
-    print(text)
+    write_result(out / "classical_members.json", {"folds": args.folds, "table": table, "total_seconds": time.time() - started},
+                 f"# Classical members, cross-fitted ({args.folds} folds)\n\n{markdown(table)}\n\n"
+                 f"{(time.time() - started) / 60:.1f} min in all.\n")
     return 0
 
 

@@ -26,9 +26,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 import nikl_cpu  # noqa: E402
 
 import nikl_ray as nr  # noqa: E402
-from nikl_ray.artifacts import write_json, write_text  # noqa: E402
 from nikl_ray.config import parse_experiment  # noqa: E402
-from nikl_ray.tables import markdown  # noqa: E402
+from nikl_ray.tables import markdown, write_result  # noqa: E402
 
 SHARED = ("split", "pretrain", "train", "features", "tiny_backbones")  # what an ablation reads of the run
 
@@ -87,11 +86,9 @@ def main(argv=None) -> int:
         table.append({"members": f"without {m}", "stack": got["stack"],
                       "submitted": f"{got['submitted']} {got['submitted_score']:.4f}",
                       "member's worth to the stack (points)": round(100 * (table[0]["stack"] - got["stack"]), 2)})
-    path = write_json(run / "member_ablation.json", {"run": str(run), "table": table, "seconds": time.time() - started})
-    text = (f"# Members left out one at a time ({run.name}; cross-fitted out-of-fold micro-F1)\n\n{markdown(table)}\n\n"
-            f"{(time.time() - started) / 60:.1f} min in all.\n")
-    write_text(path.with_suffix(".md"), text)
-    print(text)
+    write_result(run / "member_ablation.json", {"run": str(run), "table": table, "seconds": time.time() - started},
+                 f"# Members left out one at a time ({run.name}; cross-fitted out-of-fold micro-F1)\n\n{markdown(table)}\n\n"
+                 f"{(time.time() - started) / 60:.1f} min in all.\n")
     return 0
 
 

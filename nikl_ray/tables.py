@@ -7,7 +7,7 @@ import io
 import math
 from pathlib import Path
 
-from nikl_ray.artifacts import write_text
+from nikl_ray.artifacts import write_json, write_text
 
 
 def _cell(v) -> str:
@@ -56,4 +56,12 @@ def write_table(path: str | Path, rows: list[dict]) -> Path:
     writer.writerows(rows)
     write_text(path, buf.getvalue())
     write_text(path.with_suffix(".md"), markdown(rows))
+    return path
+
+
+def write_result(path: str | Path, record: dict, text: str) -> Path:
+    """A benchmark's result: `record` as JSON at `path`, `text` (its Markdown) beside it and on stdout."""
+    path = write_json(path, record)
+    write_text(path.with_suffix(".md"), text)
+    print(text)
     return path
